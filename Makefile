@@ -1,0 +1,47 @@
+# Developer entry points. `make test` is what CI runs (through .ci/run).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all install test lint typecheck pytest unit demo bench clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the dependency list changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,postgres]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy orchestrator device_sim
+
+# The whole suite; e.g. make pytest PYTEST_ARGS='-k "postgres or external"'
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Fast subset: no real servers, nothing slow.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not integration and not slow' $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/fleet demo
+
+bench: $(STAMP)
+	@set -e; for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python "$$f"; done
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

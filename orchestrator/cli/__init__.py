@@ -1,0 +1,7 @@
+"""The ``fleet`` command line."""
+
+from __future__ import annotations
+
+from orchestrator.cli.main import app
+
+__all__ = ["app"]

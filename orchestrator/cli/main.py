@@ -1,0 +1,115 @@
+"""``fleet``: run the services, manage the database, firmware and rollouts."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from orchestrator.cli import demo_cmd, rollout_cmds
+from orchestrator.config import get_settings
+from orchestrator.errors import FleetError
+
+app = typer.Typer(help="fleet: firmware fleet-update orchestrator", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(rollout_cmds.firmware_app, name="firmware")
+app.add_typer(rollout_cmds.rollout_app, name="rollout")
+app.add_typer(rollout_cmds.devices_app, name="devices")
+app.command("demo")(demo_cmd.demo)
+console = Console(stderr=True)
+
+try:
+    from device_sim.cli import app as sim_app
+
+    app.add_typer(sim_app, name="sim", help="Run a simulated device fleet.")
+except ImportError:  # pragma: no cover - device_sim is part of the same distribution
+    pass
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Create or migrate the schema at FLEET_DATABASE_URL."""
+    from orchestrator.db import upgrade_database
+
+    url = get_settings().database_url
+    upgrade_database(url, revision)
+    console.print(f"[green]database at {url} is at revision {revision}[/]")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Fail if the models and the migrated schema differ."""
+    from orchestrator.db import check_database
+
+    check_database(get_settings().database_url)
+    console.print("[green]no drift between models and migrations[/]")
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(2, "--concurrency", "-c"),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    name: str = typer.Option("worker@%h", "--name", "-n"),
+) -> None:
+    """Run a Celery worker (same as `celery -A orchestrator.worker worker`)."""
+    from orchestrator.worker import app as celery_app
+
+    celery_app.worker_main(["worker", "-c", str(concurrency), "-l", loglevel, "-n", name, "-E"])
+
+
+@app.command()
+def beat(loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
+    """Run Celery beat: the periodic reconciler."""
+    from orchestrator.worker import app as celery_app
+
+    celery_app.start(["beat", "-l", loglevel])
+
+
+@app.command()
+def ingest(
+    client_id: str = typer.Option(None, help="MQTT client id (fixed id = persistent session)"),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+) -> None:
+    """Consume device reports, info and presence; mirror progress to portal topics."""
+    from orchestrator.ingest.service import run_ingest
+
+    _logging(loglevel)
+    settings = get_settings()
+    if client_id:
+        settings = settings.model_copy(update={"ingest_client_id": client_id})
+    run_ingest(settings)
+
+
+@app.command()
+def api(
+    host: str = typer.Option(None, help="bind address (default FLEET_API_HOST)"),
+    port: int = typer.Option(None, help="port (default FLEET_API_PORT)"),
+) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    from orchestrator.api.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings), host=host or settings.api_host, port=port or settings.api_port, log_level="info"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except FleetError as exc:
+        console.print(f"[red]error:[/] {exc.message}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""All settings in one place: environment variables with prefix ``FLEET_`` or a ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEV_SIGNING_KEY = REPO_ROOT / "firmware_samples" / "dev-signing-key.DEV-ONLY.pem"
+DEV_PUBLIC_KEY = REPO_ROOT / "firmware_samples" / "dev-signing-key.DEV-ONLY.pub.pem"
+# Marker for values that are only acceptable outside production.
+DEV_ONLY_SECRET = "dev-only-insecure-secret"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "test", "production"] = "development"
+    data_dir: Path = Field(default=Path("var"), description="working files of the embedded stack")
+    database_url: str = Field(default="sqlite:///var/fleet.db")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mqtt_url: str = Field(default="mqtt://127.0.0.1:1883", description="broker for devices + services")
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    portal_mqtt_ws_url: str = Field(default="ws://127.0.0.1:9001", description="broker URL for browsers")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_base_url: str = Field(default="http://127.0.0.1:8000", description="devices download from here")
+    firmware_dir: Path = Path("var/firmware")
+    signing_key_path: Path = DEV_SIGNING_KEY
+    public_key_path: Path = DEV_PUBLIC_KEY
+    secret_key: str = Field(default=DEV_ONLY_SECRET, description="HMAC key for download tokens")
+    max_firmware_bytes: int = 256 * 1024 * 1024
+    ingest_batch_size: int = 500
+    ingest_client_id: str | None = Field(
+        default=None, description="fixed MQTT client id (persistent session)"
+    )
+    mqtt_shared_subscriptions: bool = Field(
+        default=True, description="ingest uses $share/ subscriptions (Mosquitto, EMQX; not amqtt)"
+    )
+    ingest_batch_ms: int = 20
+    portal_summary_interval_ms: int = 250
+    reconcile_interval_s: float = 5.0
+    celery_concurrency: int = 2
+    celery_visibility_timeout_s: int = Field(
+        default=300, description="an unacknowledged task of a dead worker is redelivered after this"
+    )
+    celery_events: bool = Field(default=True, description="task events for Flower / celery events")
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets_in_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = []
+        if self.secret_key == DEV_ONLY_SECRET:
+            problems.append("FLEET_SECRET_KEY is the dev-only default")
+        if "DEV-ONLY" in self.signing_key_path.name:
+            problems.append("FLEET_SIGNING_KEY_PATH points at the dev-only sample key")
+        if problems:
+            raise ValueError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

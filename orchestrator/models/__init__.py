@@ -1,0 +1,11 @@
+"""SQLAlchemy models; importing this package registers every table on ``Base.metadata``."""
+
+from orchestrator.models.base import Base, utcnow
+from orchestrator.models.device import Device
+from orchestrator.models.device_update import DeviceUpdate
+from orchestrator.models.event import Event
+from orchestrator.models.firmware import Firmware
+from orchestrator.models.rollout import Rollout
+from orchestrator.models.wave import Wave
+
+__all__ = ["Base", "Device", "DeviceUpdate", "Event", "Firmware", "Rollout", "Wave", "utcnow"]

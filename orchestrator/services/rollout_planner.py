@@ -1,0 +1,164 @@
+"""Turns a rollout request into rows: resolve targets, skip what cannot or need not update, cut waves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.models import Device, DeviceUpdate, Event, Firmware, Rollout, Wave, utcnow
+from orchestrator.protocol import ErrorCode
+from orchestrator.services.policy import RolloutPolicy, Target, split_into_waves
+from orchestrator.state_machines import UpdateEvent
+from orchestrator.transitions import initial_update_state
+
+_CHUNK = 5000  # stays below every backend's bound-parameter limit
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    id: str
+    model: str
+    version: str
+
+
+def _resolve(session: Session, target: Target) -> list[_Candidate]:
+    columns = (Device.id, Device.model, Device.firmware_version, Device.labels)
+    found: list[_Candidate] = []
+    if target.device_ids is not None:
+        wanted = list(dict.fromkeys(target.device_ids))
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            found.extend(
+                _Candidate(i, m, v)
+                for i, m, v, _ in session.execute(select(*columns).where(Device.id.in_(chunk)))
+            )
+        missing = set(wanted) - {c.id for c in found}
+        if missing:
+            sample = ", ".join(sorted(missing)[:5])
+            raise InvalidInput(
+                f"{len(missing)} unknown device id(s): {sample}; register them first",
+                field="target.device_ids",
+            )
+    else:
+        query = select(*columns).where(Device.model == target.model)
+        for device_id, model, version, labels in session.execute(query):
+            if all((labels or {}).get(k) == v for k, v in target.labels.items()):
+                found.append(_Candidate(device_id, model, version))
+    found.sort(key=lambda c: c.id)
+    return found
+
+
+def create_rollout(
+    session: Session,
+    *,
+    name: str,
+    firmware_id: int,
+    target: Target,
+    policy: RolloutPolicy,
+    start_at: datetime | None = None,
+    actor: str = "operator",
+) -> Rollout:
+    """Create a SCHEDULED rollout with its waves and device updates, written in bulk. The caller commits.
+
+    Devices of another model or already on the target version become SKIPPED with a reason.
+    """
+    firmware = session.get(Firmware, firmware_id)
+    if firmware is None:
+        raise NotFound(f"firmware {firmware_id} does not exist", field="firmware_id")
+    candidates = _resolve(session, target)
+    if not candidates:
+        raise InvalidInput("the target selects no devices", field="target")
+    eligible: list[_Candidate] = []
+    skipped: list[tuple[_Candidate, ErrorCode]] = []
+    for c in candidates:
+        if c.model != firmware.model:
+            skipped.append((c, ErrorCode.INCOMPATIBLE))
+        elif c.version == firmware.version:
+            skipped.append((c, ErrorCode.ALREADY_ON_TARGET))
+        else:
+            eligible.append(c)
+
+    rollout = Rollout(
+        name=name,
+        firmware_id=firmware.id,
+        target=target.model_dump(exclude_none=True),
+        policy=policy.model_dump(),
+        total=len(candidates),
+        start_at=start_at,
+    )
+    session.add(rollout)
+    session.flush()
+
+    sizes = split_into_waves(len(eligible), policy.waves)
+    waves = [Wave(rollout_id=rollout.id, index=i, size=size) for i, size in enumerate(sizes)]
+    session.add_all(waves)
+    session.flush()
+
+    now = utcnow()
+    pending = initial_update_state(None)
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    for wave, size in zip(waves, sizes, strict=True):
+        for c in eligible[offset : offset + size]:
+            rows.append({"rollout_id": rollout.id, "wave_id": wave.id, "device_id": c.id, "state": pending})
+        offset += size
+    skipped_state = initial_update_state(UpdateEvent.SKIP)
+    for c, reason in skipped:
+        rows.append(
+            {
+                "rollout_id": rollout.id,
+                "wave_id": None,
+                "device_id": c.id,
+                "state": skipped_state,
+                "error_code": str(reason),
+                "finished_at": now,
+            }
+        )
+    for row in rows:
+        row.update(attempt=1, progress=0, version=1, updated_at=now)
+    for start in range(0, len(rows), _CHUNK):
+        session.execute(insert(DeviceUpdate), rows[start : start + _CHUNK])
+
+    events: list[dict[str, Any]] = [
+        {
+            "kind": "operator",
+            "name": "rollout_created",
+            "rollout_id": rollout.id,
+            "to_state": str(rollout.status),
+            "detail": {"actor": actor, "eligible": len(eligible), "skipped": len(skipped), "waves": sizes},
+            "created_at": now,
+        }
+    ]
+    if skipped:
+        ids = dict(
+            session.execute(
+                select(DeviceUpdate.device_id, DeviceUpdate.id).where(
+                    DeviceUpdate.rollout_id == rollout.id, DeviceUpdate.state == skipped_state
+                )
+            )
+            .tuples()
+            .all()
+        )
+        events.extend(
+            {
+                "kind": "transition",
+                "name": str(UpdateEvent.SKIP),
+                "rollout_id": rollout.id,
+                "device_update_id": ids[c.id],
+                "device_id": c.id,
+                "from_state": str(pending),
+                "to_state": str(skipped_state),
+                "attempt": 1,
+                "detail": {"reason": str(reason)},
+                "created_at": now,
+            }
+            for c, reason in skipped
+        )
+    for start in range(0, len(events), _CHUNK):
+        session.execute(insert(Event), events[start : start + _CHUNK])
+    return rollout
