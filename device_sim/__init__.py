@@ -3,7 +3,8 @@
 Only ``orchestrator.protocol`` is imported from the orchestrator package.
 """
 
-from device_sim.agent import AGENT_VERSION, AgentContext, AgentStats, DeviceAgent, load_public_key
+from device_sim.agent import DeviceAgent
+from device_sim.context import AGENT_VERSION, AgentContext, AgentStats, load_public_key
 from device_sim.fleet import BackgroundFleet, FleetConfig, SimulatedFleet, spawn_fleet
 from device_sim.installer import CommandInstaller, InstallError, SimulatedInstaller
 from device_sim.mqtt_link import BrokerAddress

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from device_sim.agent import AgentContext, DeviceAgent, load_public_key
+from device_sim.agent import DeviceAgent
+from device_sim.context import AgentContext, load_public_key
 from device_sim.fleet import DEV_PUBLIC_KEY, READY_PREFIX, FleetConfig, SimulatedFleet, raise_nofile_limit
 from device_sim.installer import CommandInstaller, Installer, SimulatedInstaller
 from device_sim.mqtt_link import BrokerAddress
@@ -181,7 +182,7 @@ async def _run_fleet(
             timeout = left if timeout is None else min(timeout, left)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout)
-        if not quiet and not stop.is_set():
+        if not quiet and status_interval > 0 and not stop.is_set():
             err.print(_status_line(fleet))
     if not quiet:
         err.print("stopping: publishing offline and disconnecting ...")

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device_sim.agent import AgentContext, AgentStats, DeviceAgent, load_public_key
+from device_sim.agent import DeviceAgent
+from device_sim.context import AgentContext, AgentStats, load_public_key
 from device_sim.installer import Installer, SimulatedInstaller
 from device_sim.mqtt_link import BrokerAddress
 from device_sim.profiles import Profile, get_profile

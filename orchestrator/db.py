@@ -33,16 +33,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         database = parsed.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # pysqlite opens a transaction at the first write, so reads hold no lock and see the latest
+        # commit; writers queue on the busy timeout. Every state change is a compare-and-set on a
+        # version column, so nothing relies on a read snapshot.
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _on_sqlite_connect)
-        # pysqlite's implicit transactions would defer BEGIN; take the write lock up front instead
-        # so two writers never deadlock upgrading a read lock.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-
-        @event.listens_for(engine, "connect")
-        def _disable_pysqlite_transactions(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-            dbapi_connection.isolation_level = None
-
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)

@@ -20,8 +20,8 @@ PROTOCOL_VERSION = "v1"
 TOPIC_ROOT = f"fleet/{PROTOCOL_VERSION}"
 ONLINE = "online"
 OFFLINE = "offline"
-# Device ids appear in topic paths and client ids: keep them free of MQTT wildcards and separators.
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# Device ids appear in topic paths, client ids and broker password files: no wildcards, no separators.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 # ---------------------------------------------------------------- topics

@@ -116,6 +116,13 @@ def _repair_running(rt: Runtime, stats: Counter[str]) -> None:
             ).all()
             if rollout.status != RolloutState.RUNNING and not running_waves:
                 continue
+            if rollout.status == RolloutState.RUNNING and not running_waves:
+                try:
+                    kick_rollout(rt, rollout.id)  # a lost kick: launch the next wave or complete
+                    stats["kicked"] += 1
+                except StaleDataError:
+                    stats["kick_lost_race"] += 1  # a worker launched it at the same moment
+                continue
             in_flight = session.scalars(
                 select(DeviceUpdate.id).where(
                     DeviceUpdate.rollout_id == rollout.id, DeviceUpdate.state.in_(UPDATE_IN_FLIGHT)
@@ -147,16 +154,16 @@ def _broker_idle(rt: Runtime) -> bool:
 
 
 def _resume_lost(rt: Runtime, session: Session, rollout_id: int, stats: Counter[str]) -> None:
-    """Updates idle for LOST_AFTER whose continuation key is gone entirely get a fresh chain.
+    """Updates idle for LOST_AFTER with no continuation waiting for them get a fresh chain.
 
-    A queued update may simply wait for its offer message, so those count as lost only while the
-    broker holds no task at all.
+    The step that moves an update on may simply still wait in the queue, so an update counts as lost
+    only while the broker holds no task at all. A parked slot wait that fell out of its queue is put
+    back instead.
     """
     from orchestrator.worker import tasks
 
-    idle_states = [UpdateState.RETRYING, UpdateState.VERIFIED]
-    if _broker_idle(rt):
-        idle_states.append(UpdateState.QUEUED)
+    idle_states = [UpdateState.RETRYING, UpdateState.VERIFIED, UpdateState.QUEUED]
+    broker_idle = _broker_idle(rt)
     idle = session.execute(
         select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.attempt)
         .where(
@@ -167,9 +174,15 @@ def _resume_lost(rt: Runtime, session: Session, rollout_id: int, stats: Counter[
         .limit(BATCH)
     ).tuples()
     for update_id, state, attempt in idle:
-        stages: tuple[Stage, ...] = ("slot",) if state == UpdateState.QUEUED else ("verified", "done", "slot")
-        if any(rt.store.unclaim_exists(update_id, attempt, stage) for stage in stages):
+        if state == UpdateState.QUEUED and rt.store.is_parked(update_id, attempt, "slot"):
+            if rt.store.ensure_waiting(rollout_id, update_id, attempt):
+                stats["requeued_waits"] += 1
             continue
+        stages: tuple[Stage, ...] = ("slot",) if state == UpdateState.QUEUED else ("verified", "done", "slot")
+        if any(rt.store.is_parked(update_id, attempt, stage) for stage in stages):
+            continue
+        if not broker_idle:
+            continue  # the step that moves it on may still wait in the queue
         if state == UpdateState.VERIFIED:
             chain(tasks.install.si(update_id), tasks.finalize.si(update_id)).apply_async()
         else:

@@ -17,7 +17,17 @@ def add_devices(
     now = utcnow()
     session.execute(
         insert(Device),
-        [{"id": i, "model": model, "firmware_version": version, "labels": {}, "online": True, "created_at": now} for i in ids],
+        [
+            {
+                "id": i,
+                "model": model,
+                "firmware_version": version,
+                "labels": {},
+                "online": True,
+                "created_at": now,
+            }
+            for i in ids
+        ],
     )
     session.commit()
     return ids
@@ -25,7 +35,9 @@ def add_devices(
 
 def add_firmware_row(session: Session, *, model: str = "sensor-v2", version: str = "1.1.0") -> Firmware:
     sha = hashlib.sha256(f"{model}-{version}".encode()).hexdigest()
-    firmware = Firmware(model=model, version=version, size=1024, sha256=sha, signature="c2ln", storage_path="/dev/null")
+    firmware = Firmware(
+        model=model, version=version, size=1024, sha256=sha, signature="c2ln", storage_path="/dev/null"
+    )
     session.add(firmware)
     session.commit()
     return firmware

@@ -62,7 +62,9 @@ def _servers(data_dir: Path) -> Iterator[tuple[RedisServer, Any]]:
 def _sample(model: str, version: str) -> tuple[Path, dict[str, Any]]:
     manifest_path = SAMPLES / model / f"{version}.json"
     if not manifest_path.exists():
-        raise typer.BadParameter(f"no sample firmware {manifest_path}; run `python firmware_samples/generate.py`")
+        raise typer.BadParameter(
+            f"no sample firmware {manifest_path}; run `python firmware_samples/generate.py`"
+        )
     manifest: dict[str, Any] = json.loads(manifest_path.read_text())
     return SAMPLES / model / f"{version}.bin", manifest
 

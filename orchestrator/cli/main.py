@@ -8,6 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
+from orchestrator.api.token_cli import token_app
 from orchestrator.cli import demo_cmd, rollout_cmds
 from orchestrator.config import get_settings
 from orchestrator.errors import FleetError
@@ -19,6 +20,7 @@ app.add_typer(rollout_cmds.firmware_app, name="firmware")
 app.add_typer(rollout_cmds.rollout_app, name="rollout")
 app.add_typer(rollout_cmds.devices_app, name="devices")
 app.command("demo")(demo_cmd.demo)
+app.add_typer(token_app, name="token")
 console = Console(stderr=True)
 
 try:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.models import Device, DeviceUpdate, Event, Rollout, utcnow
 from orchestrator.portal import device_message
-from orchestrator.protocol import Report, ReportState
+from orchestrator.protocol import ErrorCode, Report, ReportState
 from orchestrator.services.policy import RolloutPolicy
 from orchestrator.state_machines import (
     UPDATE_END_STATES,
@@ -31,6 +31,9 @@ from orchestrator.worker.continuations import Stage
 
 log = logging.getLogger(__name__)
 
+# A new attempt can fix a transfer or a transient device problem. An install-stage failure cannot:
+# the device never installs the same update twice, so it would only answer with the same result.
+RETRYABLE_ERRORS = frozenset({ErrorCode.CHECKSUM, ErrorCode.DOWNLOAD_ERROR, ErrorCode.DEVICE_ERROR})
 _WAITING_INSTALL = frozenset({UpdateState.VERIFIED, UpdateState.INSTALLING, UpdateState.REBOOTING})
 
 
@@ -155,7 +158,9 @@ class ReportApplier:
             reason = "other_attempt"
         elif snap.last_seq is not None and report.seq <= snap.last_seq:
             reason = "duplicate_or_late"
-        event = report_event(report.state, snap.attempt < self._max_attempts.get(snap.rollout_id, 1))
+        retryable = report.error is None or report.error in RETRYABLE_ERRORS
+        attempts_left = retryable and snap.attempt < self._max_attempts.get(snap.rollout_id, 1)
+        event = report_event(report.state, attempts_left)
         new = UPDATE_TRANSITIONS.get((snap.state, event)) if reason is None else None
         progress_only = (
             reason is None

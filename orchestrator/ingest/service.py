@@ -64,7 +64,7 @@ class IngestService:
     # ------------------------------------------------------------------ connection
     def _client(self) -> aiomqtt.Client:
         address = BrokerAddress.parse(self.settings.mqtt_url)
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             address.host,
             address.port,
             identifier=self.client_id,
@@ -76,6 +76,9 @@ class IngestService:
             keepalive=30,
             max_inflight_messages=1000,
         )
+        # A batch publishes its portal updates concurrently; hundreds pending is normal, not a warning.
+        client.pending_calls_threshold = 10 * self.settings.ingest_batch_size
+        return client
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Consume until ``stop`` is set, reconnecting after broker restarts."""

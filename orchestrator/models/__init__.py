@@ -1,5 +1,6 @@
 """SQLAlchemy models; importing this package registers every table on ``Base.metadata``."""
 
+from orchestrator.models.api_token import ApiToken
 from orchestrator.models.base import Base, utcnow
 from orchestrator.models.device import Device
 from orchestrator.models.device_update import DeviceUpdate
@@ -8,4 +9,4 @@ from orchestrator.models.firmware import Firmware
 from orchestrator.models.rollout import Rollout
 from orchestrator.models.wave import Wave
 
-__all__ = ["Base", "Device", "DeviceUpdate", "Event", "Firmware", "Rollout", "Wave", "utcnow"]
+__all__ = ["ApiToken", "Base", "Device", "DeviceUpdate", "Event", "Firmware", "Rollout", "Wave", "utcnow"]

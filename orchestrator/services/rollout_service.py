@@ -36,9 +36,16 @@ def get_rollout(session: Session, rollout_id: int) -> Rollout:
 
 
 def _send(task: str, rollout_id: int) -> None:
+    """Nudge the workers. The state change is already committed, so a broker outage only delays it:
+    the reconciler moves every RUNNING rollout on from SQL."""
     from orchestrator.worker.celery_app import app
 
-    app.send_task(task, args=(rollout_id,))
+    try:
+        app.send_task(task, args=(rollout_id,), retry=False)
+    except Exception as exc:
+        log.warning(
+            "could not send %s for rollout %s (%s); the reconciler will pick it up", task, rollout_id, exc
+        )
 
 
 def start_rollout(session: Session, rollout_id: int, *, actor: str = "system", send: bool = True) -> Rollout:

@@ -21,7 +21,13 @@ def create_app() -> Celery:
         # Engine tasks are short (waiting is parked, not blocking), so a small prefetch keeps both
         # processes busy without hoarding messages a dying worker would hold.
         worker_prefetch_multiplier=4,
-        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
+        # A dead worker's unacknowledged tasks come back after the visibility timeout; sweep for
+        # them every few seconds instead of kombu's default of roughly every 100 s.
+        broker_transport_options={
+            "visibility_timeout": settings.celery_visibility_timeout_s,
+            "unacked_restore_interval": max(1, min(10, settings.celery_visibility_timeout_s // 3)),
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         result_expires=86400,
         worker_send_task_events=settings.celery_events,
@@ -43,3 +49,7 @@ def use_redis(redis_url: str) -> None:
     """Point this process's Celery app at ``redis_url`` (for callers whose settings came later,
     such as the embedded stack). Call before the process sends its first task."""
     app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    # Pools opened against the previous URL would keep sending there; drop this app's references
+    # (not the pools themselves: kombu keeps them in a global registry).
+    app._pool = None
+    app.amqp._producer_pool = None

@@ -24,6 +24,7 @@ from celery.canvas import Signature, signature
 log = logging.getLogger(__name__)
 
 Stage = Literal["verified", "done", "slot"]
+ParkResult = Literal["parked", "waiting", "claimed"]
 CLAIMED = b"claimed"
 TTL_S = 14 * 86400
 
@@ -66,17 +67,36 @@ class ContinuationStore:
         self._acquire = client.register_script(_ACQUIRE_SLOT)
 
     # ------------------------------------------------------------ park / claim / resume
-    def park(self, update_id: int, attempt: int, stage: Stage, rest: Sequence[dict[str, Any]]) -> bool:
-        """Store ``rest`` (a Celery request.chain list, next task last); False if already parked/claimed.
+    def park(self, update_id: int, attempt: int, stage: Stage, rest: Sequence[dict[str, Any]]) -> ParkResult:
+        """Store ``rest`` (a Celery request.chain list, next task last) unless this stage was parked before.
 
-        A ``slot`` wait may repeat for the same attempt (woken, still no slot), so it overwrites; a
-        duplicate that this lets through is stopped by the in-flight park or the finalize marker.
+        Returns "parked" (stored now), "waiting" (an earlier run of this step parked it and it still
+        waits: the step may safely repeat its side effects) or "claimed" (the chain already moved on:
+        the step must stop). A ``slot`` wait may repeat for the same attempt (woken, still no slot), so
+        it always overwrites; a duplicate that lets through is stopped by the finalize marker.
         """
         payload = json.dumps(list(rest), separators=(",", ":"))
         key = cont_key(update_id, attempt, stage)
         if stage == "slot":
-            return bool(self.redis.set(key, payload, ex=TTL_S))
-        return bool(self.redis.set(key, payload, nx=True, ex=TTL_S))
+            self.redis.set(key, payload, ex=TTL_S)
+            return "parked"
+        if self.redis.set(key, payload, nx=True, ex=TTL_S):
+            return "parked"
+        return "claimed" if self.redis.get(key) == CLAIMED else "waiting"
+
+    def is_parked(self, update_id: int, attempt: int, stage: Stage) -> bool:
+        """A continuation waits under this key (present and not yet claimed)."""
+        value = self.redis.get(cont_key(update_id, attempt, stage))
+        return value is not None and value != CLAIMED
+
+    def ensure_waiting(self, rollout_id: int, update_id: int, attempt: int) -> bool:
+        """Put a parked slot wait back in its rollout's queue if it fell out (e.g. a worker died
+        between popping and resuming it); True if it had to be re-queued."""
+        item = f"{update_id}:{attempt}"
+        if self.redis.lpos(waitq_key(rollout_id), item) is not None:
+            return False
+        self.redis.rpush(waitq_key(rollout_id), item)
+        return True
 
     def claim(self, update_id: int, attempt: int, stage: Stage) -> list[dict[str, Any]] | None:
         """Atomically take a parked continuation; None if absent or already claimed."""
@@ -101,10 +121,6 @@ class ContinuationStore:
             if old is not None and old != CLAIMED:
                 claimed.append((update_id, json.loads(old)))
         return claimed
-
-    def unclaim_exists(self, update_id: int, attempt: int, stage: Stage) -> bool:
-        """True if a continuation key (parked or claimed) exists for this stage."""
-        return bool(self.redis.exists(cont_key(update_id, attempt, stage)))
 
     def resume(self, chain: list[dict[str, Any]], countdown: float | None = None) -> None:
         """Send the next task of a stored chain, passing the remainder on as Celery itself would."""

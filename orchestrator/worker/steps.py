@@ -115,8 +115,9 @@ def offer(rt: Runtime, task: Task[Any, Any], update_id: int) -> None:
         if du.state not in UPDATE_IN_FLIGHT:
             raise Ignore()  # an install step already runs for this attempt
         # Park before the device can hear of it: a fast device's VERIFIED must find the continuation.
-        if not store.park(du.id, du.attempt, "verified", _rest_of_chain(task)):
-            raise Ignore()  # redelivered after parking: the chain already lives on elsewhere
+        # A redelivered offer whose continuation still waits publishes again (retained, idempotent).
+        if store.park(du.id, du.attempt, "verified", _rest_of_chain(task)) == "claimed":
+            raise Ignore()  # the chain already moved on without this run
         topic, payload = desired_message(
             rt.settings,
             update_id=du.id,
@@ -148,7 +149,7 @@ def install(rt: Runtime, task: Task[Any, Any], update_id: int) -> None:
             # Resumed early (e.g. a report skipped VERIFIED but is not past it): wait for VERIFIED again.
             rt.store.park(du.id, du.attempt, "verified", [*_rest_of_chain(task), _own_signature(task)])
             raise Ignore()
-        if not rt.store.park(du.id, du.attempt, "done", _rest_of_chain(task)):
+        if rt.store.park(du.id, du.attempt, "done", _rest_of_chain(task)) == "claimed":
             raise Ignore()
         if du.state == UpdateState.VERIFIED:
             du.deadline_at = utcnow() + timedelta(seconds=policy.install_timeout_s)

@@ -61,7 +61,9 @@ def publish_summary(self: Task[Any, Any], rollout_id: int) -> None:
     get_runtime().store.mark_dirty(rollout_id)
 
 
-@app.task(name="fleet.reconcile", ignore_result=True, bind=True)
+# Not acks_late: a lost periodic run is simply the next one, and an unacknowledged reconcile would
+# make the broker never look idle to the reconciler itself.
+@app.task(name="fleet.reconcile", ignore_result=True, bind=True, acks_late=False)
 def reconcile(self: Task[Any, Any]) -> dict[str, int]:
     from orchestrator.reconciler import reconcile_once
 

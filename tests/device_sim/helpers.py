@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from device_sim.agent import AgentContext, DeviceAgent, load_public_key
+from device_sim.agent import DeviceAgent
+from device_sim.context import AgentContext, load_public_key
 from device_sim.mqtt_link import BrokerAddress
 from device_sim.profiles import INSTANT, Profile
 from device_sim.state_store import JsonStateStore
@@ -182,15 +183,20 @@ class Observer:
         self.info: dict[str, list[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._filters: list[str] = []
+
+    async def subscribe(self, topic: str) -> None:
+        self._filters.append(topic)
+        await self.client.subscribe(topic, qos=1)
 
     async def watch(self, device_id: str) -> None:
         for topic in (report_topic(device_id), online_topic(device_id), info_topic(device_id)):
-            await self.client.subscribe(topic, qos=1)
+            await self.subscribe(topic)
 
     async def watch_all(self) -> None:
         """Every device's report and online topics (for fleets with a unique id prefix)."""
-        await self.client.subscribe("fleet/v1/devices/+/report", qos=1)
-        await self.client.subscribe("fleet/v1/devices/+/online", qos=1)
+        await self.subscribe("fleet/v1/devices/+/report")
+        await self.subscribe("fleet/v1/devices/+/online")
 
     async def send(self, device_id: str, payload: bytes) -> None:
         await self.client.publish(desired_topic(device_id), payload, qos=1, retain=True)
@@ -200,6 +206,8 @@ class Observer:
 
     async def _pump(self) -> None:
         async for msg in self.client.messages:
+            if not any(msg.topic.matches(f) for f in self._filters):
+                continue  # amqtt 0.12 may replay retained messages of topics nobody subscribed to
             parts = str(msg.topic).split("/")
             device, kind = parts[3], parts[4]
             payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from device_sim.agent import AgentContext, DeviceAgent
+from device_sim.agent import DeviceAgent
+from device_sim.context import AgentContext
 from device_sim.installer import CommandInstaller, SimulatedInstaller
 from device_sim.state_store import JsonStateStore
 from tests.device_sim.helpers import (
     HTTP_INSTANT,
+    PUBLIC_KEY_PATH,
+    SAMPLES,
     FirmwareServer,
     Observer,
     agent_context,
@@ -385,5 +391,41 @@ def test_state_survives_restart_seq_monotonic(mqtt_broker: Any, device_id: str, 
         again = DeviceAgent(device_id, "sensor-v2", "9.9.9", ctx, store=JsonStateStore(tmp_path))
         assert again.state.seq == 41 and again.running_version == "1.0.0"  # the file wins over --version
         await ctx.aclose()
+
+    run(scenario())
+
+
+def test_agent_command_line(
+    mqtt_broker: Any, firmware_server: FirmwareServer, device_id: str, tmp_path: Path
+) -> None:
+    """``python -m device_sim.agent`` as a real device would run it; SIGTERM ends it cleanly."""
+    marker = tmp_path / "installed"
+    argv = [
+        sys.executable, "-m", "device_sim.agent",
+        "--device-id", device_id, "--model", "sensor-v2", "--broker", mqtt_broker.url,
+        "--state-dir", str(tmp_path / "state"), "--public-key", str(PUBLIC_KEY_PATH),
+        "--install-cmd", f"cp {{image}} {marker}", "--labels", "site=lab", "--log-level", "warning",
+    ]  # fmt: skip
+
+    async def scenario() -> None:
+        fw = firmware_ref(firmware_server, "sensor-v2", "1.1.0", device=device_id)
+        async with observing(mqtt_broker, device_id) as obs:
+            proc = subprocess.Popen(argv, cwd=SAMPLES.parent)
+            try:
+                await obs.wait_for(lambda: obs.online.get(device_id, [])[-1:] == ["online"], what="online")
+                assert obs.info[device_id][-1]["labels"] == {"site": "lab"}
+                await obs.send(device_id, desired(95, 1, "install", fw))
+                final = await obs.wait_state(device_id, "SUCCEEDED", timeout=20)
+                assert final.running_version == "1.1.0"
+                proc.send_signal(signal.SIGTERM)
+                code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 20)
+                assert code == 0
+                await obs.wait_for(lambda: obs.online[device_id][-1] == "offline", what="offline")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        assert marker.read_bytes() == (SAMPLES / "sensor-v2" / "1.1.0.bin").read_bytes()
+        state = json.loads((tmp_path / "state" / "state.json").read_text())
+        assert state["running_version"] == "1.1.0" and state["slot"] == "b"
 
     run(scenario())

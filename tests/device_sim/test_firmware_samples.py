@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
-from device_sim.agent import load_public_key
+from device_sim.context import load_public_key
 from orchestrator.protocol import FirmwareRef, canonical_manifest, verify_manifest_signature
 from tests.device_sim.helpers import PUBLIC_KEY_PATH, SAMPLES
 

@@ -29,7 +29,9 @@ def test_migrations_match_the_models(database_url: str) -> None:
 
 def test_firmware_model_version_is_unique(session: Session) -> None:
     add_firmware_row(session)
-    session.add(Firmware(model="sensor-v2", version="1.1.0", size=1, sha256="0" * 64, signature="x", storage_path="x"))
+    session.add(
+        Firmware(model="sensor-v2", version="1.1.0", size=1, sha256="0" * 64, signature="x", storage_path="x")
+    )
     with pytest.raises(IntegrityError):
         session.commit()
 
@@ -40,7 +42,11 @@ def test_planner_skips_and_cuts_waves(session: Session) -> None:
     add_devices(session, 5, version="1.1.0", prefix="current-")
     add_devices(session, 3, model="gateway-x1", prefix="gw-")
     fw = add_firmware_row(session)
-    ids = [f"dev-{i:05d}" for i in range(200)] + [f"current-{i:05d}" for i in range(5)] + ["gw-00000", "gw-00001"]
+    ids = (
+        [f"dev-{i:05d}" for i in range(200)]
+        + [f"current-{i:05d}" for i in range(5)]
+        + ["gw-00000", "gw-00001"]
+    )
     # When a 3-wave rollout is planned for them
     rollout = create_rollout(
         session, name="r", firmware_id=fw.id, target=Target(device_ids=ids), policy=RolloutPolicy()
@@ -49,8 +55,12 @@ def test_planner_skips_and_cuts_waves(session: Session) -> None:
     # Then waves are 2/18/180 and the rest is SKIPPED with a reason
     counts = dict(
         session.execute(
-            select(DeviceUpdate.state, func.count()).where(DeviceUpdate.rollout_id == rollout.id).group_by(DeviceUpdate.state)
-        ).tuples().all()
+            select(DeviceUpdate.state, func.count())
+            .where(DeviceUpdate.rollout_id == rollout.id)
+            .group_by(DeviceUpdate.state)
+        )
+        .tuples()
+        .all()
     )
     assert counts == {UpdateState.PENDING: 200, UpdateState.SKIPPED: 7}
     reasons = dict(
@@ -58,10 +68,14 @@ def test_planner_skips_and_cuts_waves(session: Session) -> None:
             select(DeviceUpdate.error_code, func.count())
             .where(DeviceUpdate.rollout_id == rollout.id, DeviceUpdate.state == UpdateState.SKIPPED)
             .group_by(DeviceUpdate.error_code)
-        ).tuples().all()
+        )
+        .tuples()
+        .all()
     )
     assert reasons == {"already_on_target": 5, "incompatible": 2}
-    wave_sizes = [w for w in session.scalars(select(DeviceUpdate.wave_id).where(DeviceUpdate.rollout_id == rollout.id))]
+    wave_sizes = [
+        w for w in session.scalars(select(DeviceUpdate.wave_id).where(DeviceUpdate.rollout_id == rollout.id))
+    ]
     assert len({w for w in wave_sizes if w is not None}) == 3
     skip_events = session.scalar(select(func.count()).select_from(Event).where(Event.name == "skip"))
     assert skip_events == 7
@@ -72,7 +86,9 @@ def test_planner_rejects_unknown_ids_naming_the_field(session: Session) -> None:
     from orchestrator.errors import InvalidInput
 
     with pytest.raises(InvalidInput) as info:
-        create_rollout(session, name="r", firmware_id=fw.id, target=Target(device_ids=["nope"]), policy=RolloutPolicy())
+        create_rollout(
+            session, name="r", firmware_id=fw.id, target=Target(device_ids=["nope"]), policy=RolloutPolicy()
+        )
     assert info.value.field == "target.device_ids"
 
 
@@ -90,7 +106,9 @@ def test_planner_writes_10k_rows_in_bulk(session: Session) -> None:
 def _one_update(session: Session) -> DeviceUpdate:
     add_devices(session, 1)
     fw = add_firmware_row(session)
-    rollout = create_rollout(session, name="r", firmware_id=fw.id, target=Target(model="sensor-v2"), policy=RolloutPolicy())
+    rollout = create_rollout(
+        session, name="r", firmware_id=fw.id, target=Target(model="sensor-v2"), policy=RolloutPolicy()
+    )
     session.commit()
     return session.scalars(select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout.id)).one()
 

@@ -26,7 +26,9 @@ def _offered(session: Session, count: int = 1, max_attempts: int = 2) -> list[De
     add_devices(session, count)
     fw = add_firmware_row(session)
     policy = RolloutPolicy(waves=["100%"], max_attempts=max_attempts)
-    rollout = create_rollout(session, name="r", firmware_id=fw.id, target=Target(model="sensor-v2"), policy=policy)
+    rollout = create_rollout(
+        session, name="r", firmware_id=fw.id, target=Target(model="sensor-v2"), policy=policy
+    )
     session.commit()
     updates = list(session.scalars(select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout.id)))
     for du in updates:
@@ -82,7 +84,9 @@ def test_duplicates_late_and_out_of_order_reports_are_ignored_and_kept(session: 
     )
     assert out.counters["ignored_duplicate_or_late"] == 2
     assert _state(session, du.id) == UpdateState.VERIFIED
-    ignored = session.scalars(select(Event).where(Event.device_update_id == du.id, Event.accepted.is_(False))).all()
+    ignored = session.scalars(
+        select(Event).where(Event.device_update_id == du.id, Event.accepted.is_(False))
+    ).all()
     assert len(ignored) == 2
 
 
@@ -112,8 +116,16 @@ def test_reports_for_other_attempts_devices_or_unknown_updates_are_dropped(sessi
         session,
         [
             _report(first, ReportState.VERIFIED, 1, attempt=2),
-            (second.device_id, Report(update_id=first.id, attempt=1, state=ReportState.SUCCEEDED, seq=1, running_version="x")),
-            (first.device_id, Report(update_id=999_999, attempt=1, state=ReportState.SUCCEEDED, seq=5, running_version="x")),
+            (
+                second.device_id,
+                Report(
+                    update_id=first.id, attempt=1, state=ReportState.SUCCEEDED, seq=1, running_version="x"
+                ),
+            ),
+            (
+                first.device_id,
+                Report(update_id=999_999, attempt=1, state=ReportState.SUCCEEDED, seq=5, running_version="x"),
+            ),
         ],
     )
     assert out.counters["ignored_other_attempt"] == 1

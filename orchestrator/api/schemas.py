@@ -1,0 +1,260 @@
+"""Request and response bodies of the HTTP API (the OpenAPI schema at /docs is generated from these)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from orchestrator.protocol import DEVICE_ID_PATTERN
+from orchestrator.services.device_service import LABEL_KEY_PATTERN, MAX_LABEL_VALUE, MAX_LABELS, NAME_PATTERN
+from orchestrator.services.policy import RolloutPolicy, Target
+
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN), Field(examples=["sensor-000042"])]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+# No control characters: PostgreSQL refuses NUL in text, and labels end up in logs and UIs.
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx response: a stable code, a message for humans, and the offending field."""
+
+    code: str = Field(examples=["not_found"])
+    message: str = Field(examples=["rollout 7 does not exist"])
+    field: str | None = Field(None, examples=["rollout_id"])
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# ---------------------------------------------------------------- devices
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "sensor-000042",
+                    "model": "sensor-v2",
+                    "firmware_version": "1.0.0",
+                    "labels": {"site": "berlin", "ring": "beta"},
+                }
+            ]
+        },
+    )
+
+    id: DeviceId
+    model: Name = Field(examples=["sensor-v2"])
+    firmware_version: Name = Field(examples=["1.0.0"])
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+
+
+class DeviceOut(_Out):
+    id: str = Field(examples=["sensor-000042"])
+    model: str = Field(examples=["sensor-v2"])
+    firmware_version: str = Field(examples=["1.0.0"], description="the version the device last reported")
+    labels: dict[str, Any] = Field(examples=[{"site": "berlin"}])
+    online: bool
+    slot: str | None = Field(None, examples=["a"])
+    agent_version: str | None = None
+    last_seen: datetime | None = None
+    created_at: datetime
+
+
+class DeviceHistoryItem(BaseModel):
+    """The device's update inside one rollout."""
+
+    update_id: int
+    rollout_id: int
+    rollout_name: str
+    rollout_status: str = Field(examples=["RUNNING"])
+    firmware_id: int
+    firmware_version: str = Field(examples=["1.1.0"])
+    state: str = Field(examples=["SUCCEEDED"])
+    attempt: int
+    progress: int
+    error_code: str | None = None
+    offered_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+
+
+class DeviceDetail(DeviceOut):
+    updates: list[DeviceHistoryItem] = Field(description="updates across rollouts, newest first")
+
+
+class DevicePage(BaseModel):
+    items: list[DeviceOut]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last")
+
+
+# ---------------------------------------------------------------- firmware
+class FirmwareOut(_Out):
+    id: int
+    model: str = Field(examples=["sensor-v2"])
+    version: str = Field(examples=["1.1.0"])
+    size: int = Field(examples=[200003])
+    sha256: str = Field(examples=["1e2b8f483a5411a9536365c42df6a2d9e2799c5f2269f0e72d9031db57140fe9"])
+    signature: str = Field(description="base64 ed25519 signature over the canonical manifest")
+    created_at: datetime
+
+
+class FirmwarePage(BaseModel):
+    items: list[FirmwareOut]
+    next_cursor: str | None = None
+
+
+# ---------------------------------------------------------------- rollouts
+class RolloutCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "sensor-v2 1.1.0 to berlin",
+                    "firmware_id": 1,
+                    "target": {"model": "sensor-v2", "labels": {"site": "berlin"}},
+                    "policy": {
+                        "waves": ["1%", "10%", "100%"],
+                        "success_threshold": 0.95,
+                        "max_in_flight": 500,
+                    },
+                },
+                {"name": "two devices", "firmware_id": 1, "target": {"device_ids": ["dev-1", "dev-2"]}},
+            ]
+        },
+    )
+
+    name: Text
+    firmware_id: int = Field(ge=1, le=2**31 - 1)
+    target: Target
+    policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    start_at: AwareDatetime | None = Field(
+        None, description="start later (the reconciler starts it); omitted or past: start now"
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _well_formed_target(cls, target: Target) -> Target:
+        for device_id in target.device_ids or ():
+            if not _DEVICE_ID.match(device_id):
+                raise ValueError(f"device id {device_id[:140]!r} must match {DEVICE_ID_PATTERN}")
+        if target.model is not None and not _NAME.match(target.model):
+            raise ValueError(f"model must match {NAME_PATTERN}")
+        return target
+
+
+class RolloutOut(_Out):
+    id: int
+    name: str
+    firmware_id: int
+    status: str = Field(examples=["RUNNING"], description="SCHEDULED RUNNING PAUSED COMPLETED HALTED ABORTED")
+    target: dict[str, Any] = Field(examples=[{"model": "sensor-v2", "labels": {"site": "berlin"}}])
+    policy: dict[str, Any] = Field(description="RolloutPolicy as stored")
+    total: int = Field(description="devices selected, including the skipped ones")
+    current_wave: int | None = None
+    reason: str | None = Field(None, description="why it halted or was aborted")
+    start_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class WaveProgress(BaseModel):
+    index: int
+    status: str = Field(examples=["RUNNING"])
+    size: int
+    done: int = Field(description="devices of the wave in an end state")
+    succeeded: int
+
+
+class RolloutDetail(RolloutOut):
+    counts: dict[str, int] = Field(examples=[{"SUCCEEDED": 120, "DOWNLOADING": 30, "PENDING": 850}])
+    percent: float = Field(description="share of device updates in an end state")
+    waves: list[WaveProgress]
+    eta_seconds: float | None = Field(None, description="naive estimate from the rate so far")
+
+
+class RolloutPage(BaseModel):
+    items: list[RolloutOut]
+    next_cursor: str | None = None
+
+
+class DeviceUpdateOut(BaseModel):
+    id: int
+    device_id: str
+    wave_index: int | None = Field(None, description="null for devices skipped at planning")
+    state: str = Field(examples=["DOWNLOADING"])
+    attempt: int
+    progress: int
+    error_code: str | None = None
+    offered_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+
+
+class DeviceUpdatePage(BaseModel):
+    items: list[DeviceUpdateOut]
+    next_cursor: str | None = None
+
+
+class EventOut(_Out):
+    id: int
+    created_at: datetime
+    kind: str = Field(examples=["transition"], description="transition | report | operator | inventory")
+    name: str = Field(examples=["report_verified"])
+    wave_id: int | None = None
+    device_update_id: int | None = None
+    device_id: str | None = None
+    from_state: str | None = None
+    to_state: str | None = None
+    attempt: int | None = None
+    seq: int | None = None
+    accepted: bool
+    detail: dict[str, Any] | None = None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_cursor: str | None = None
+
+
+# ---------------------------------------------------------------- health
+class Health(BaseModel):
+    status: str = Field(examples=["ok"], description="ok | degraded")
+    checks: dict[str, str] = Field(examples=[{"database": "ok", "redis": "ok", "mqtt": "ok"}])
+
+
+_ERROR_TEXT = {
+    400: "the body cannot be parsed (e.g. broken multipart framing)",
+    401: "no API token, or an unknown or revoked one",
+    403: "the token's role does not allow this",
+    404: "no such object",
+    409: "conflicts with the current state (duplicate, illegal transition, concurrent change)",
+    413: "upload larger than FLEET_MAX_FIRMWARE_BYTES",
+    422: "invalid input; `field` names the parameter",
+    503: "a dependency is unavailable",
+}
+
+
+def errors(*statuses: int, json_content: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses, all with the ErrorBody schema.
+
+    ``json_content`` spells the JSON media type out, for routes whose success response is not JSON
+    (FastAPI would otherwise document the errors under the route's media type).
+    """
+    if json_content:
+        schema = {"$ref": "#/components/schemas/ErrorBody"}
+        return {
+            status: {"description": _ERROR_TEXT[status], "content": {"application/json": {"schema": schema}}}
+            for status in statuses
+        }
+    return {status: {"model": ErrorBody, "description": _ERROR_TEXT[status]} for status in statuses}

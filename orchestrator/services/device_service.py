@@ -1,0 +1,100 @@
+"""Device inventory writes from operators: registering a device ahead of its first connection.
+
+Devices also register themselves through their retained ``info`` topic (see ``orchestrator.ingest``);
+both paths produce the same row and the same ``device_registered`` event.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from orchestrator.errors import AlreadyExists, InvalidInput, NotFound
+from orchestrator.models import Device, Event, utcnow
+from orchestrator.protocol import DEVICE_ID_PATTERN
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+"""Models and firmware versions: the same rule as firmware images, so every model can be targeted."""
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+"""Label keys: letters, digits and ``. _ / -``; they are used as JSON paths when filtering."""
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 128
+
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+
+
+def check_labels(labels: dict[str, str], *, field: str = "labels") -> None:
+    """Raise InvalidInput unless ``labels`` has at most MAX_LABELS well-formed key/value pairs."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidInput(f"at most {MAX_LABELS} labels", field=field)
+    for key, value in labels.items():
+        if not _LABEL_KEY.match(key):
+            raise InvalidInput(f"label key {key!r} must match {LABEL_KEY_PATTERN}", field=f"{field}.{key}")
+        if len(value) > MAX_LABEL_VALUE:
+            raise InvalidInput(
+                f"label value longer than {MAX_LABEL_VALUE} characters", field=f"{field}.{key}"
+            )
+
+
+def register_device(
+    session: Session,
+    *,
+    device_id: str,
+    model: str,
+    firmware_version: str,
+    labels: dict[str, str] | None = None,
+    actor: str = "operator",
+) -> Device:
+    """Add a device to the inventory (offline until it connects). Commits.
+
+    Preconditions: ``device_id`` matches ``protocol.DEVICE_ID_PATTERN`` and is not registered yet
+    (else AlreadyExists); ``model`` and ``firmware_version`` match NAME_PATTERN; labels pass
+    :func:`check_labels`.
+    """
+    if not _DEVICE_ID.match(device_id):
+        raise InvalidInput(f"device id must match {DEVICE_ID_PATTERN}", field="id")
+    for field, value in (("model", model), ("firmware_version", firmware_version)):
+        if not _NAME.match(value):
+            raise InvalidInput(f"{field} {value!r} must match {NAME_PATTERN}", field=field)
+    labels = dict(labels or {})
+    check_labels(labels)
+    if session.scalar(select(Device.id).where(Device.id == device_id)) is not None:
+        raise AlreadyExists(f"device {device_id} is registered already", field="id")
+    now = utcnow()
+    device = Device(
+        id=device_id,
+        model=model,
+        firmware_version=firmware_version,
+        labels=labels,
+        online=False,
+        created_at=now,
+    )
+    session.add(device)
+    session.add(
+        Event(
+            kind="inventory",
+            name="device_registered",
+            device_id=device_id,
+            detail={"actor": actor, "model": model, "firmware_version": firmware_version},
+            created_at=now,
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise AlreadyExists(f"device {device_id} is registered already", field="id") from None
+    return device
+
+
+def get_device(session: Session, device_id: str) -> Device:
+    """The device with ``device_id``; NotFound otherwise."""
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFound(f"device {device_id} does not exist", field="device_id")
+    return device
