@@ -27,9 +27,15 @@ class Settings(BaseSettings):
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     portal_mqtt_ws_url: str = Field(default="ws://127.0.0.1:9001", description="broker URL for browsers")
+    portal_mqtt_username: str | None = Field(
+        default=None, description="read-only broker user the portal's browsers connect as"
+    )
+    portal_mqtt_password: str | None = Field(default=None, description="password of portal_mqtt_username")
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     public_base_url: str = Field(default="http://127.0.0.1:8000", description="devices download from here")
+    api_url: str = Field(default="http://127.0.0.1:8000", description="where the CLI reaches the HTTP API")
+    api_token: str | None = Field(default=None, description="bearer token the CLI sends to the HTTP API")
     firmware_dir: Path = Path("var/firmware")
     signing_key_path: Path = DEV_SIGNING_KEY
     public_key_path: Path = DEV_PUBLIC_KEY

@@ -9,7 +9,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.api import device_routes, firmware_routes, health_routes, metrics, rollout_routes
+from orchestrator.api import (
+    device_routes,
+    firmware_routes,
+    health_routes,
+    metrics,
+    portal_routes,
+    rollout_routes,
+)
 from orchestrator.api.limits import UploadLimit
 from orchestrator.config import Settings, get_settings
 from orchestrator.errors import FleetError
@@ -92,4 +99,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_routes.router)
     app.include_router(metrics.router)
     app.include_router(v1)
+    portal_routes.register(app)
     return app

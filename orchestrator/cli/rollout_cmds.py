@@ -1,154 +1,318 @@
-"""CLI for firmware, rollouts and devices, straight over the service layer and database."""
+"""Operator CLI for firmware, rollouts and devices, through the HTTP API with a bearer token.
+
+The API is found at FLEET_API_URL (or ``--api-url``) and the token read from FLEET_API_TOKEN (or
+``--token``). ``fleet rollout watch`` follows the retained MQTT portal topics instead.
+:func:`watch_rollout` (progress from SQL) serves ``fleet demo``.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
-from sqlalchemy import func, select
 
+from orchestrator.cli.api_client import ApiClient, ApiError
+from orchestrator.cli.watch import WatchError, watch_rollout_portal
 from orchestrator.config import get_settings
 from orchestrator.db import session_scope
-from orchestrator.models import Device, Firmware, Rollout
 from orchestrator.portal import rollout_summary
-from orchestrator.services import rollout_service
-from orchestrator.services.firmware_service import add_firmware
-from orchestrator.services.policy import RolloutPolicy, Target
-from orchestrator.services.rollout_planner import create_rollout
 
 firmware_app = typer.Typer(help="Firmware images.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
 devices_app = typer.Typer(help="Device inventory.", no_args_is_help=True)
 console = Console()
+err = Console(stderr=True)
+
+ApiUrl = Annotated[
+    str | None, typer.Option("--api-url", help="API base URL (default FLEET_API_URL)", show_default=False)
+]
+Token = Annotated[
+    str | None, typer.Option("--token", help="API token (default FLEET_API_TOKEN)", show_default=False)
+]
 
 
+@contextmanager
+def _client(api_url: str | None, token: str | None) -> Iterator[ApiClient]:
+    """An API client; an :class:`ApiError` inside the block is printed and exits with status 1."""
+    try:
+        with ApiClient.from_settings(get_settings(), api_url=api_url, token=token) as client:
+            yield client
+    except ApiError as exc:
+        err.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def _short(sha: str) -> str:
+    return sha[:16] + "…"
+
+
+def _when(value: Any) -> str:
+    return str(value)[:19].replace("T", " ") if value else "-"
+
+
+# ---------------------------------------------------------------- firmware
 @firmware_app.command("add")
 def firmware_add(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True),
     model: str = typer.Option(..., "--model", "-m"),
     version: str = typer.Option(..., "--version", "-v"),
     signature: str = typer.Option(None, help="base64 ed25519 signature; default: signed with the server key"),
+    api_url: ApiUrl = None,
+    token: Token = None,
 ) -> None:
-    """Register a firmware image (stored content-addressed, signed)."""
-    settings = get_settings()
-    with session_scope(settings.database_url) as session, file.open("rb") as stream:
-        fw = add_firmware(session, settings, stream, model=model, version=version, signature=signature)
-        console.print(
-            f"firmware [bold]{fw.id}[/]: {fw.model} {fw.version}, {fw.size} bytes, sha256 {fw.sha256[:16]}…"
+    """Upload a firmware image (stored content-addressed, signed)."""
+    size = file.stat().st_size
+    with (
+        _client(api_url, token) as client,
+        Progress(
+            TextColumn("uploading {task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as progress,
+    ):
+        task = progress.add_task(file.name, total=size)
+        fw = client.upload_firmware(
+            file,
+            model=model,
+            version=version,
+            signature=signature,
+            on_progress=lambda n: progress.advance(task, n),
         )
+    console.print(
+        f"firmware [bold]{fw['id']}[/]: {fw['model']} {fw['version']}, {fw['size']} bytes, "
+        f"sha256 {_short(fw['sha256'])}",
+        highlight=False,
+    )
 
 
 @firmware_app.command("list")
-def firmware_list() -> None:
-    with session_scope(get_settings().database_url) as session:
-        table = Table("id", "model", "version", "size", "sha256")
-        for fw in session.scalars(select(Firmware).order_by(Firmware.id)):
-            table.add_row(str(fw.id), fw.model, fw.version, str(fw.size), fw.sha256[:16] + "…")
-        console.print(table)
+def firmware_list(
+    model: str = typer.Option(None, help="only images for this model"),
+    limit: int = typer.Option(100, min=1),
+    api_url: ApiUrl = None,
+    token: Token = None,
+) -> None:
+    """Firmware images in upload order."""
+    params = {"model": model} if model else {}
+    with _client(api_url, token) as client:
+        table = Table("id", "model", "version", "size", "sha256", "uploaded")
+        for fw in client.pages("/v1/firmware", params, limit):
+            table.add_row(
+                str(fw["id"]),
+                fw["model"],
+                fw["version"],
+                str(fw["size"]),
+                _short(fw["sha256"]),
+                _when(fw["created_at"]),
+            )
+    console.print(table)
+
+
+# ---------------------------------------------------------------- rollouts
+def _labels(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(f"--label {item!r}: write it as key=value, e.g. --label site=berlin")
+        labels[key] = value
+    return labels
 
 
 @rollout_app.command("create")
 def rollout_create(
-    firmware_id: int = typer.Option(..., "--firmware", "-f", help="firmware id"),
+    firmware_id: int = typer.Option(..., "--firmware", "-f", help="firmware id (see `fleet firmware list`)"),
     name: str = typer.Option(None, help="default: '<model> <version>'"),
     model: str = typer.Option(None, help="target every device of this model"),
-    label: list[str] = typer.Option([], help="k=v label filters with --model"),
-    device: list[str] = typer.Option([], help="explicit device ids (repeat)"),
-    waves: str = typer.Option("1%,10%,100%", help="comma-separated percents or counts"),
-    success_threshold: float = typer.Option(0.95),
-    failure_threshold_percent: float = typer.Option(None),
-    failure_threshold_count: int = typer.Option(None),
+    label: list[str] = typer.Option([], help="k=v label filter with --model (repeat)"),
+    device: list[str] = typer.Option([], help="explicit device id (repeat)"),
+    waves: str = typer.Option("1%,10%,100%", help="comma-separated cumulative percents or device counts"),
+    success_threshold: float = typer.Option(0.95, help="share of a wave's finished devices to succeed"),
+    failure_threshold_percent: float = typer.Option(None, help="halt when this % of finished devices failed"),
+    failure_threshold_count: int = typer.Option(None, help="halt after this many failed devices"),
     max_in_flight: int = typer.Option(1000),
     max_attempts: int = typer.Option(2),
-    start: bool = typer.Option(True, help="start at once (else stays SCHEDULED)"),
-    start_at: datetime = typer.Option(None, help="ISO time with zone to start at"),
+    start_at: str = typer.Option(None, help="ISO time with zone to start at, e.g. 2030-01-01T02:00:00+00:00"),
+    api_url: ApiUrl = None,
+    token: Token = None,
 ) -> None:
-    """Plan a rollout and (by default) start it."""
+    """Plan a rollout; it starts at once, or at --start-at."""
+    if bool(model) == bool(device):
+        raise _fail("give either --model (optionally with --label k=v) or one or more --device ID")
+    if label and not model:
+        raise _fail("--label filters devices of --model; add --model")
+    target: dict[str, Any] = {"model": model, "labels": _labels(label)} if model else {"device_ids": device}
     specs: list[str | int] = [int(w) if w.strip().isdigit() else w.strip() for w in waves.split(",")]
-    policy = RolloutPolicy(
-        waves=specs,
-        success_threshold=success_threshold,
-        failure_threshold_percent=failure_threshold_percent,
-        failure_threshold_count=failure_threshold_count,
-        max_in_flight=max_in_flight,
-        max_attempts=max_attempts,
+    policy: dict[str, Any] = {
+        "waves": specs,
+        "success_threshold": success_threshold,
+        "max_in_flight": max_in_flight,
+        "max_attempts": max_attempts,
+    }
+    if failure_threshold_percent is not None:
+        policy["failure_threshold_percent"] = failure_threshold_percent
+    if failure_threshold_count is not None:
+        policy["failure_threshold_count"] = failure_threshold_count
+    body: dict[str, Any] = {"firmware_id": firmware_id, "target": target, "policy": policy}
+    if start_at:
+        try:
+            when = datetime.fromisoformat(start_at)
+        except ValueError as exc:
+            raise _fail(f"--start-at {start_at!r} is not an ISO time like 2030-01-01T02:00:00+00:00") from exc
+        if when.tzinfo is None:
+            raise _fail("--start-at needs a time zone, e.g. 2030-01-01T02:00:00+00:00 or ...Z")
+        body["start_at"] = when.isoformat()
+    with _client(api_url, token) as client:
+        if name is None:
+            fw = client.firmware(firmware_id)
+            name = f"{fw['model']} {fw['version']}"
+        body["name"] = name
+        rollout = client.create_rollout(body)
+    console.print(
+        f"rollout [bold]{rollout['id']}[/] {rollout['status']}: {rollout['total']} devices "
+        f"(follow it with `fleet rollout watch {rollout['id']}`)",
+        highlight=False,
     )
-    labels = dict(item.split("=", 1) for item in label)
-    target = Target(device_ids=device or None, model=model, labels=labels)
-    with session_scope(get_settings().database_url) as session:
-        fw = session.get(Firmware, firmware_id)
-        rollout = create_rollout(
-            session,
-            name=name or (f"{fw.model} {fw.version}" if fw else "rollout"),
-            firmware_id=firmware_id,
-            target=target,
-            policy=policy,
-            start_at=start_at,
-        )
-        session.commit()
-        if start and start_at is None:
-            rollout_service.start_rollout(session, rollout.id, actor="cli")
-        console.print(f"rollout [bold]{rollout.id}[/] {rollout.status}: {rollout.total} devices")
 
 
 @rollout_app.command("list")
-def rollout_list() -> None:
-    with session_scope(get_settings().database_url) as session:
-        table = Table("id", "name", "status", "devices", "created")
-        for r in session.scalars(select(Rollout).order_by(Rollout.id.desc()).limit(50)):
+def rollout_list(
+    status: str = typer.Option(None, help="only rollouts in this status, e.g. RUNNING"),
+    limit: int = typer.Option(50, min=1),
+    api_url: ApiUrl = None,
+    token: Token = None,
+) -> None:
+    """Rollouts, newest first."""
+    params = {"status": status.upper()} if status else {}
+    with _client(api_url, token) as client:
+        table = Table("id", "name", "status", "devices", "created", "finished")
+        for r in client.pages("/v1/rollouts", params, limit):
             table.add_row(
-                str(r.id), r.name, str(r.status), str(r.total), r.created_at.isoformat(timespec="seconds")
+                str(r["id"]),
+                r["name"],
+                r["status"],
+                str(r["total"]),
+                _when(r["created_at"]),
+                _when(r["finished_at"]),
             )
-        console.print(table)
+    console.print(table)
 
 
 @rollout_app.command("status")
-def rollout_status(rollout_id: int, as_json: bool = typer.Option(False, "--json")) -> None:
-    with session_scope(get_settings().database_url) as session:
-        summary = rollout_summary(session, rollout_id)
-        if summary is None:
-            console.print(f"[red]rollout {rollout_id} does not exist[/]; see `fleet rollout list`")
-            raise typer.Exit(1)
-        if as_json:
-            console.print_json(summary.model_dump_json())
-            return
-        console.print(f"rollout {rollout_id} [bold]{summary.status}[/] {summary.percent}% done")
-        console.print(json.dumps(summary.counts))
+def rollout_status(
+    rollout_id: int,
+    as_json: bool = typer.Option(False, "--json", help="print the API's document as JSON"),
+    api_url: ApiUrl = None,
+    token: Token = None,
+) -> None:
+    """Status, per-wave progress and counts per state."""
+    with _client(api_url, token) as client:
+        detail = client.rollout(rollout_id)
+    if as_json:
+        typer.echo(json.dumps(detail, indent=2))
+        return
+    eta = detail.get("eta_seconds")
+    eta_text = f", eta {eta:.0f}s" if eta is not None and detail["status"] == "RUNNING" else ""
+    console.print(
+        f"rollout {rollout_id} '{detail['name']}' [bold]{detail['status']}[/] "
+        f"{detail['percent']:.1f}% done of {detail['total']} devices{eta_text}",
+        highlight=False,
+    )
+    if detail.get("reason"):
+        console.print(f"reason: {detail['reason']}", highlight=False)
+    waves = Table("wave", "status", "devices", "done", "succeeded")
+    for w in detail["waves"]:
+        waves.add_row(str(w["index"]), w["status"], str(w["size"]), str(w["done"]), str(w["succeeded"]))
+    console.print(waves)
+    counts = Table("state", "devices")
+    for state, count in sorted(detail["counts"].items(), key=lambda kv: -kv[1]):
+        counts.add_row(state, str(count))
+    console.print(counts)
 
 
-def _action(name: str, rollout_id: int) -> None:
-    with session_scope(get_settings().database_url) as session:
-        rollout = getattr(rollout_service, f"{name}_rollout")(session, rollout_id, actor="cli")
-        console.print(f"rollout {rollout_id} is now {rollout.status}")
+def _action(name: str, rollout_id: int, api_url: str | None, token: str | None) -> None:
+    with _client(api_url, token) as client:
+        rollout = client.rollout_action(rollout_id, name)
+    console.print(f"rollout {rollout_id} is now [bold]{rollout['status']}[/]", highlight=False)
 
 
 @rollout_app.command("pause")
-def rollout_pause(rollout_id: int) -> None:
+def rollout_pause(rollout_id: int, api_url: ApiUrl = None, token: Token = None) -> None:
     """No new device starts; devices already updating finish."""
-    _action("pause", rollout_id)
+    _action("pause", rollout_id, api_url, token)
 
 
 @rollout_app.command("resume")
-def rollout_resume(rollout_id: int) -> None:
-    _action("resume", rollout_id)
+def rollout_resume(rollout_id: int, api_url: ApiUrl = None, token: Token = None) -> None:
+    """Continue a paused rollout."""
+    _action("resume", rollout_id, api_url, token)
 
 
 @rollout_app.command("abort")
-def rollout_abort(rollout_id: int) -> None:
+def rollout_abort(rollout_id: int, api_url: ApiUrl = None, token: Token = None) -> None:
     """Cancel every device that has not started; started devices finish."""
-    _action("abort", rollout_id)
+    _action("abort", rollout_id, api_url, token)
 
 
 @rollout_app.command("watch")
-def rollout_watch(rollout_id: int, interval: float = 0.5) -> None:
-    """Live progress bars per wave until the rollout ends."""
-    watch_rollout(get_settings().database_url, rollout_id, interval=interval)
+def rollout_watch(
+    rollout_id: int,
+    broker: str = typer.Option(None, help="MQTT broker URL (default FLEET_MQTT_URL)"),
+    username: str = typer.Option(
+        None, help="broker user (default FLEET_PORTAL_MQTT_USERNAME, else FLEET_MQTT_USERNAME)"
+    ),
+    password: str = typer.Option(None, help="broker password (default the matching *_PASSWORD)"),
+    timeout: float = typer.Option(None, help="stop after this many seconds"),
+) -> None:
+    """Live progress bars per wave and per state from the portal topics, until the rollout ends.
+
+    Exits 0 when it COMPLETED (or on Ctrl-C / --timeout), 1 when it HALTED or was ABORTED.
+    """
+    settings = get_settings()
+    if username is None:
+        if settings.portal_mqtt_username:
+            username, password = settings.portal_mqtt_username, password or settings.portal_mqtt_password
+        elif settings.mqtt_username:
+            username, password = settings.mqtt_username, password or settings.mqtt_password
+    try:
+        status = watch_rollout_portal(
+            broker or settings.mqtt_url,
+            rollout_id,
+            username=username,
+            password=password,
+            timeout=timeout,
+            console=console,
+        )
+    except WatchError as exc:
+        raise _fail(str(exc)) from exc
+    if status in ("HALTED", "ABORTED"):
+        raise typer.Exit(1)
 
 
 def watch_rollout(
@@ -188,16 +352,36 @@ def watch_rollout(
             time.sleep(interval)
 
 
+# ---------------------------------------------------------------- devices
 @devices_app.command("list")
-def devices_list(model: str = typer.Option(None), limit: int = typer.Option(50)) -> None:
-    with session_scope(get_settings().database_url) as session:
-        query = select(Device).order_by(Device.id).limit(limit)
-        if model:
-            query = query.where(Device.model == model)
-        table = Table("id", "model", "version", "online", "last seen")
-        for d in session.scalars(query):
-            seen = d.last_seen.isoformat(timespec="seconds") if d.last_seen else "-"
-            table.add_row(d.id, d.model, d.firmware_version, "yes" if d.online else "no", seen)
-        console.print(table)
-        total = session.scalar(select(func.count()).select_from(Device))
-        console.print(f"{total} devices in total")
+def devices_list(
+    model: str = typer.Option(None, help="only devices of this model"),
+    version: str = typer.Option(None, help="only devices running this version"),
+    label: list[str] = typer.Option([], help="key:value label filter (repeat)"),
+    limit: int = typer.Option(50, min=1),
+    api_url: ApiUrl = None,
+    token: Token = None,
+) -> None:
+    """Devices ordered by id."""
+    params: dict[str, Any] = {"label": label} if label else {}
+    if model:
+        params["model"] = model
+    if version:
+        params["version"] = version
+    shown = 0
+    with _client(api_url, token) as client:
+        table = Table("id", "model", "version", "online", "labels", "last seen")
+        for d in client.pages("/v1/devices", params, limit):
+            labels = ",".join(f"{k}:{v}" for k, v in sorted(d["labels"].items()))
+            table.add_row(
+                d["id"],
+                d["model"],
+                d["firmware_version"],
+                "yes" if d["online"] else "no",
+                labels,
+                _when(d["last_seen"]),
+            )
+            shown += 1
+    console.print(table)
+    more = " (raise --limit for more)" if shown == limit else ""
+    console.print(f"{shown} devices shown{more}", highlight=False)

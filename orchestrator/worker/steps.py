@@ -16,7 +16,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from orchestrator.models import DeviceUpdate, Firmware, Rollout, utcnow
+from orchestrator.models import Device, DeviceUpdate, Firmware, Rollout, utcnow
 from orchestrator.portal import device_message
 from orchestrator.protocol import Stage
 from orchestrator.services.desired_state import clear_desired_message, desired_message
@@ -49,7 +49,7 @@ def _own_signature(task: Task[Any, Any]) -> dict[str, Any]:
     return dict(sig)
 
 
-def _portal(du: DeviceUpdate) -> tuple[str, bytes]:
+def _portal(du: DeviceUpdate, running_version: str | None = None) -> tuple[str, bytes]:
     return device_message(
         rollout_id=du.rollout_id,
         device_id=du.device_id,
@@ -58,6 +58,7 @@ def _portal(du: DeviceUpdate) -> tuple[str, bytes]:
         attempt=du.attempt,
         progress=du.progress,
         error=du.error_code,
+        running_version=running_version,
     )
 
 
@@ -183,7 +184,8 @@ def finalize(rt: Runtime, task: Task[Any, Any], update_id: int) -> str:
         if not rt.store.mark_finalized(du.id, task.request.id or ""):
             raise Ignore()  # a duplicate chain; the first one already counted for the wave
         started = du.offered_at is not None
-        messages = [_portal(du)]
+        device = session.get(Device, du.device_id)
+        messages = [_portal(du, device.firmware_version if device else None)]
         if started:
             messages.append(clear_desired_message(du.device_id))
         rt.publisher.publish_many(messages)

@@ -1,0 +1,675 @@
+// fleet web portal: plain JavaScript, hash routing, REST for lists and writes, and MQTT over
+// WebSockets (mqtt.js) for live rollout progress from the retained fleet/v1/portal/# topics.
+"use strict";
+
+(function () {
+  const TOKEN_KEY = "fleet.portal.token";
+  const END_STATES = new Set(["SUCCEEDED", "FAILED", "ROLLED_BACK", "TIMED_OUT", "SKIPPED", "CANCELED"]);
+  const STATE_ORDER = [
+    "PENDING", "QUEUED", "OFFERED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "REBOOTING",
+    "RETRYING", "SUCCEEDED", "FAILED", "ROLLED_BACK", "TIMED_OUT", "SKIPPED", "CANCELED",
+  ];
+  const MAX_DEVICE_ROWS = 1000;
+  const MAX_DEVICE_PAGES = 100;
+
+  const view = document.getElementById("view");
+  const liveBadge = document.getElementById("live");
+
+  // ------------------------------------------------------------------ small DOM helpers
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") el.className = value;
+      else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+      else el.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return el;
+  }
+
+  // replaceChildren() would print null/false children as text; drop them instead.
+  function fill(el, ...nodes) {
+    el.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined && n !== false));
+  }
+
+  function show(...nodes) {
+    fill(view, ...nodes);
+  }
+
+  function badge(state) {
+    return h("span", { class: `badge s-${state}` }, state);
+  }
+
+  function bar(fraction, opts) {
+    const pct = Math.max(0, Math.min(100, fraction * 100));
+    const fill = h("div", { class: `fill${opts && opts.busy ? " busy" : ""}` });
+    fill.style.width = `${pct}%`;
+    return h("div", { class: `bar${opts && opts.big ? " big" : ""}${opts && opts.mini ? " mini" : ""}` }, fill);
+  }
+
+  function fmtTime(iso) {
+    return iso ? new Date(iso).toLocaleString() : "—";
+  }
+
+  function fmtEta(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    if (seconds < 60) return `${Math.round(seconds)} s`;
+    if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+
+  function targetText(target) {
+    if (!target) return "—";
+    if (target.device_ids) return `${target.device_ids.length} listed devices`;
+    const labels = Object.entries(target.labels || {}).map(([k, v]) => `${k}:${v}`);
+    return labels.length ? `model ${target.model}, labels ${labels.join(", ")}` : `model ${target.model}`;
+  }
+
+  function fmtPercent(value) {
+    return `${Math.floor(value * 10) / 10}%`.replace(".0%", "%");
+  }
+
+  // ------------------------------------------------------------------ API
+  function token() {
+    return localStorage.getItem(TOKEN_KEY);
+  }
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      super((body && body.message) || `HTTP ${status}`);
+      this.status = status;
+      this.body = body;
+    }
+  }
+
+  async function api(path, options) {
+    const opts = Object.assign({ method: "GET" }, options || {});
+    const headers = { Accept: "application/json", Authorization: `Bearer ${token()}` };
+    if (opts.body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(path, {
+      method: opts.method,
+      headers,
+      body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
+    });
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (_err) {
+      body = null;
+    }
+    if (response.status === 401) {
+      logout("Your token was not accepted (unknown or revoked). Paste a valid one.");
+      throw new ApiError(401, body);
+    }
+    if (!response.ok) throw new ApiError(response.status, body);
+    return body;
+  }
+
+  async function allPages(path, maxPages) {
+    const items = [];
+    let cursor = null;
+    for (let page = 0; page < maxPages; page++) {
+      const sep = path.includes("?") ? "&" : "?";
+      const url = cursor ? `${path}${sep}cursor=${encodeURIComponent(cursor)}` : path;
+      const body = await api(url);
+      items.push(...body.items);
+      cursor = body.next_cursor;
+      if (!cursor) return { items, complete: true };
+    }
+    return { items, complete: false };
+  }
+
+  function errorBox(err) {
+    return h("p", { class: "error", role: "alert" }, err instanceof Error ? err.message : String(err));
+  }
+
+  // ------------------------------------------------------------------ MQTT (live progress)
+  const live = {
+    client: null,
+    config: null,
+    handlers: new Map(), // topic filter -> handler(topic, doc|null)
+  };
+
+  function setLive(state, text) {
+    liveBadge.dataset.state = state;
+    liveBadge.textContent = text;
+  }
+
+  function topicMatches(filter, topic) {
+    const f = filter.split("/");
+    const t = topic.split("/");
+    for (let i = 0; i < f.length; i++) {
+      if (f[i] === "#") return true;
+      if (i >= t.length) return false;
+      if (f[i] !== "+" && f[i] !== t[i]) return false;
+    }
+    return f.length === t.length;
+  }
+
+  async function ensureMqtt() {
+    if (live.client) return live.client;
+    if (typeof mqtt === "undefined") throw new Error("mqtt.js did not load");
+    live.config = await api("/v1/portal/config");
+    const options = {
+      clientId: `portal-${Math.random().toString(16).slice(2, 12)}`,
+      clean: true,
+      reconnectPeriod: 2000,
+      connectTimeout: 10000,
+      protocolVersion: 4,
+    };
+    if (live.config.mqtt_username) {
+      options.username = live.config.mqtt_username;
+      options.password = live.config.mqtt_password || "";
+    }
+    setLive("connecting", "connecting");
+    const client = mqtt.connect(live.config.mqtt_ws_url, options);
+    client.on("connect", () => {
+      setLive("on", "live");
+      // A new session after a reconnect: subscribe again (retained documents are resent).
+      for (const filter of live.handlers.keys()) client.subscribe(filter, { qos: 1 });
+    });
+    client.on("reconnect", () => setLive("connecting", "reconnecting"));
+    client.on("offline", () => setLive("off", "offline"));
+    client.on("error", (err) => setLive("off", `error: ${err.message}`));
+    client.on("message", (topic, payload) => {
+      let doc = null;
+      if (payload && payload.length) {
+        try {
+          doc = JSON.parse(new TextDecoder().decode(payload));
+        } catch (_err) {
+          return;
+        }
+      }
+      for (const [filter, handler] of live.handlers) {
+        if (topicMatches(filter, topic)) handler(topic, doc);
+      }
+    });
+    live.client = client;
+    return client;
+  }
+
+  function subscribe(filters, handler) {
+    for (const filter of filters) live.handlers.set(filter, handler);
+    if (live.client && live.client.connected) live.client.subscribe(filters, { qos: 1 });
+    return () => {
+      for (const filter of filters) live.handlers.delete(filter);
+      if (live.client && live.client.connected) live.client.unsubscribe(filters);
+    };
+  }
+
+  function stopMqtt() {
+    if (live.client) live.client.end(true);
+    live.client = null;
+    live.handlers.clear();
+    setLive("off", "idle");
+  }
+
+  // ------------------------------------------------------------------ confirmation dialog
+  function confirmAction(title, text, okLabel) {
+    const dialog = document.getElementById("confirm");
+    document.getElementById("confirm-title").textContent = title;
+    document.getElementById("confirm-text").textContent = text;
+    document.getElementById("confirm-ok").textContent = okLabel;
+    dialog.returnValue = "";
+    return new Promise((resolve) => {
+      dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+      dialog.showModal();
+    });
+  }
+
+  // ------------------------------------------------------------------ views
+  function loginView(message) {
+    const input = h("input", {
+      id: "token", name: "token", type: "password", autocomplete: "off", required: true,
+      placeholder: "fleet_…",
+    });
+    const status = h("p", { class: "error", role: "alert" }, message || "");
+    const form = h(
+      "form",
+      {
+        class: "stack panel login",
+        id: "login-form",
+        onsubmit: async (event) => {
+          event.preventDefault();
+          localStorage.setItem(TOKEN_KEY, input.value.trim());
+          try {
+            await api("/v1/portal/config");
+          } catch (err) {
+            if (!(err instanceof ApiError && err.status === 401)) status.textContent = err.message;
+            return;
+          }
+          route();
+        },
+      },
+      h("h1", {}, "Sign in"),
+      h("p", { class: "muted" },
+        "Paste an API token from `fleet token create --role viewer|operator --name NAME`. " +
+        "Viewer tokens can watch; operator tokens can also create and control rollouts. " +
+        "The token stays in this browser's local storage."),
+      h("label", {}, "API token", input),
+      status,
+      h("div", { class: "actions" }, h("button", { type: "submit" }, "Sign in")),
+    );
+    show(form);
+    input.focus();
+  }
+
+  function logout(message) {
+    localStorage.removeItem(TOKEN_KEY);
+    stopMqtt();
+    document.getElementById("nav").hidden = true;
+    document.getElementById("logout").hidden = true;
+    loginView(message);
+  }
+
+  async function overviewView() {
+    show(h("h1", {}, "Fleet"), h("p", { class: "muted" }, "Loading devices…"));
+    const { items, complete } = await allPages("/v1/devices?limit=1000", MAX_DEVICE_PAGES);
+    const online = items.filter((d) => d.online).length;
+    const byModel = new Map();
+    for (const device of items) {
+      if (!byModel.has(device.model)) byModel.set(device.model, new Map());
+      const versions = byModel.get(device.model);
+      const entry = versions.get(device.firmware_version) || { total: 0, online: 0 };
+      entry.total += 1;
+      if (device.online) entry.online += 1;
+      versions.set(device.firmware_version, entry);
+    }
+    const rows = [];
+    for (const model of [...byModel.keys()].sort()) {
+      const versions = byModel.get(model);
+      for (const version of [...versions.keys()].sort()) {
+        const entry = versions.get(version);
+        rows.push(h("tr", {},
+          h("td", {}, model), h("td", {}, version),
+          h("td", { class: "num" }, entry.total), h("td", { class: "num" }, entry.online)));
+      }
+    }
+    show(
+      h("h1", {}, "Fleet"),
+      complete ? null : h("p", { class: "notice" }, `Showing the first ${items.length} devices.`),
+      h("div", { class: "grid" },
+        h("div", { class: "panel" }, h("div", { class: "muted" }, "Devices"),
+          h("div", { class: "stat", id: "device-total" }, items.length)),
+        h("div", { class: "panel" }, h("div", { class: "muted" }, "Online"),
+          h("div", { class: "stat", id: "device-online" }, online)),
+        h("div", { class: "panel" }, h("div", { class: "muted" }, "Models"),
+          h("div", { class: "stat" }, byModel.size))),
+      h("div", { class: "panel" },
+        h("h2", {}, "Devices by model and version"),
+        h("div", { class: "table-wrap" },
+          h("table", { id: "fleet-table" },
+            h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", {}, "Version"),
+              h("th", { class: "num" }, "Devices"), h("th", { class: "num" }, "Online"))),
+            h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 4 }, "No devices yet.")))))),
+    );
+  }
+
+  async function firmwareView() {
+    const { items } = await allPages("/v1/firmware?limit=1000", 10);
+    const rows = items.map((fw) => h("tr", {},
+      h("td", { class: "num" }, fw.id), h("td", {}, fw.model), h("td", {}, fw.version),
+      h("td", { class: "num" }, `${(fw.size / 1024).toFixed(1)} KiB`),
+      h("td", { class: "hide-sm", title: fw.sha256 }, `${fw.sha256.slice(0, 16)}…`),
+      h("td", { class: "hide-sm" }, fmtTime(fw.created_at))));
+    show(
+      h("h1", {}, "Firmware"),
+      h("div", { class: "panel table-wrap" },
+        h("table", { id: "firmware-table" },
+          h("thead", {}, h("tr", {}, h("th", { class: "num" }, "ID"), h("th", {}, "Model"),
+            h("th", {}, "Version"), h("th", { class: "num" }, "Size"), h("th", { class: "hide-sm" }, "SHA-256"),
+            h("th", { class: "hide-sm" }, "Uploaded"))),
+          h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 6 }, "No firmware uploaded."))))),
+    );
+  }
+
+  async function rolloutsView() {
+    const body = await api("/v1/rollouts?limit=200");
+    const rows = body.items.map((r) => h("tr", {},
+      h("td", { class: "num" }, r.id),
+      h("td", {}, h("a", { href: `#/rollouts/${r.id}` }, r.name)),
+      h("td", {}, badge(r.status)),
+      h("td", { class: "num" }, r.total),
+      h("td", { class: "hide-sm" }, fmtTime(r.created_at))));
+    show(
+      h("div", { class: "rollout-head" }, h("h1", {}, "Rollouts"),
+        h("div", { class: "actions" }, h("a", { class: "button", href: "#/rollouts/new" }, "New rollout"))),
+      h("div", { class: "panel table-wrap" },
+        h("table", { id: "rollout-table" },
+          h("thead", {}, h("tr", {}, h("th", { class: "num" }, "ID"), h("th", {}, "Name"), h("th", {}, "Status"),
+            h("th", { class: "num" }, "Devices"), h("th", { class: "hide-sm" }, "Created"))),
+          h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 5 }, "No rollouts yet."))))),
+    );
+  }
+
+  function parseLabels(text) {
+    const labels = {};
+    for (const part of text.split(/[,\n]/).map((s) => s.trim()).filter(Boolean)) {
+      const at = part.indexOf(":");
+      if (at <= 0) throw new Error(`label "${part}" must look like key:value`);
+      labels[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+    }
+    return labels;
+  }
+
+  function parseWaves(text) {
+    const waves = text.split(/[,\s]+/).filter(Boolean).map((w) => (/^\d+$/.test(w) ? Number(w) : w));
+    if (!waves.length) throw new Error("give at least one wave, e.g. 10%, 100%");
+    return waves;
+  }
+
+  async function newRolloutView() {
+    const { items: firmware } = await allPages("/v1/firmware?limit=1000", 10);
+    const field = (label, input, hint) => h("label", {}, label, input, hint ? h("small", {}, hint) : null);
+    const fwSelect = h("select", { name: "firmware_id", id: "firmware_id", required: true },
+      firmware.map((fw) => h("option", { value: fw.id }, `${fw.model} ${fw.version} (#${fw.id})`)));
+    const name = h("input", { name: "name", id: "name", required: true, maxlength: 200 });
+    const model = h("input", { name: "model", id: "target_model", placeholder: "sensor-v2" });
+    const labels = h("input", { name: "labels", id: "target_labels", placeholder: "site:berlin, ring:beta" });
+    const deviceIds = h("textarea", { name: "device_ids", id: "target_device_ids", rows: 3,
+      placeholder: "sensor-000001 sensor-000002 …" });
+    const waves = h("input", { name: "waves", id: "waves", value: "1%, 10%, 100%", required: true });
+    const success = h("input", { name: "success_threshold", id: "success_threshold", type: "number",
+      min: 0, max: 100, step: "any", value: 95, required: true });
+    const failCount = h("input", { name: "failure_threshold_count", id: "failure_threshold_count",
+      type: "number", min: 1, step: 1 });
+    const failPercent = h("input", { name: "failure_threshold_percent", id: "failure_threshold_percent",
+      type: "number", min: 0, max: 100, step: "any" });
+    const inFlight = h("input", { name: "max_in_flight", id: "max_in_flight", type: "number", min: 1,
+      step: 1, value: 1000, required: true });
+    const modeModel = h("input", { type: "radio", name: "mode", value: "model", checked: true, id: "mode_model" });
+    const modeIds = h("input", { type: "radio", name: "mode", value: "ids", id: "mode_ids" });
+    const byModel = h("div", { class: "form-grid" },
+      field("Model", model), field("Labels", labels, "all must match; key:value, comma separated"));
+    const byIds = h("div", {}, field("Device IDs", deviceIds, "separated by spaces, commas or lines"));
+    const syncMode = () => {
+      byModel.hidden = !modeModel.checked;
+      byIds.hidden = modeModel.checked;
+    };
+    modeModel.addEventListener("change", syncMode);
+    modeIds.addEventListener("change", syncMode);
+    const status = h("p", { class: "error", role: "alert", id: "form-error" });
+    const submit = h("button", { type: "submit", id: "create-rollout" }, "Create and start");
+
+    const form = h("form", {
+      class: "stack panel",
+      id: "rollout-form",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        status.textContent = "";
+        let body;
+        try {
+          const target = {};
+          if (modeModel.checked) {
+            if (!model.value.trim()) throw new Error("give a model");
+            target.model = model.value.trim();
+            target.labels = parseLabels(labels.value);
+          } else {
+            const ids = deviceIds.value.split(/[\s,]+/).filter(Boolean);
+            if (!ids.length) throw new Error("give at least one device id");
+            target.device_ids = ids;
+          }
+          const policy = {
+            waves: parseWaves(waves.value),
+            success_threshold: Number(success.value) / 100,
+            max_in_flight: Number(inFlight.value),
+          };
+          if (failCount.value) policy.failure_threshold_count = Number(failCount.value);
+          if (failPercent.value) policy.failure_threshold_percent = Number(failPercent.value);
+          body = { name: name.value.trim(), firmware_id: Number(fwSelect.value), target, policy };
+        } catch (err) {
+          status.textContent = err.message;
+          return;
+        }
+        submit.disabled = true;
+        try {
+          const rollout = await api("/v1/rollouts", { method: "POST", body });
+          location.hash = `#/rollouts/${rollout.id}`;
+        } catch (err) {
+          status.textContent = err.body && err.body.field ? `${err.message}` : err.message;
+          submit.disabled = false;
+        }
+      },
+    },
+    h("h1", {}, "New rollout"),
+    firmware.length ? null : h("p", { class: "notice" }, "Upload firmware first (POST /v1/firmware)."),
+    h("div", { class: "form-grid" }, field("Name", name), field("Firmware", fwSelect)),
+    h("fieldset", {}, h("legend", {}, "Target"),
+      h("div", { class: "radio" }, h("label", {}, modeModel, "Model and labels"),
+        h("label", {}, modeIds, "Device IDs")),
+      byModel, byIds),
+    h("fieldset", {}, h("legend", {}, "Policy"),
+      h("div", { class: "form-grid" },
+        field("Waves", waves, "cumulative percents or device counts, e.g. 1%, 10%, 100%"),
+        field("Max in flight", inFlight, "devices updating at the same time"),
+        field("Success threshold (%)", success, "share of a wave's finished devices that must succeed"),
+        field("Halt after failures (count)", failCount, "optional"),
+        field("Halt at failure rate (%)", failPercent, "optional; checked after 10 devices finished"))),
+    status,
+    h("div", { class: "actions" }, submit),
+    );
+    show(form);
+    syncMode();
+    name.focus();
+  }
+
+  // ------------------------------------------------------------------ rollout page (live)
+  const ACTIONS = {
+    pause: {
+      label: "Pause",
+      allowed: ["RUNNING"],
+      title: "Pause this rollout?",
+      text: "Pausing only affects devices that have not started yet: they will not be offered the update " +
+        "until you resume. Devices already downloading or installing finish their update.",
+    },
+    resume: {
+      label: "Resume",
+      allowed: ["PAUSED"],
+      title: "Resume this rollout?",
+      text: "Resuming offers the update again to devices that have not started yet, wave by wave.",
+    },
+    abort: {
+      label: "Abort",
+      allowed: ["SCHEDULED", "RUNNING", "PAUSED"],
+      title: "Abort this rollout?",
+      text: "Aborting cancels the update only for devices that have not started yet. Devices already " +
+        "downloading or installing finish their update. An aborted rollout cannot be resumed.",
+    },
+  };
+
+  async function rolloutView(rolloutId) {
+    const state = { detail: null, summary: null, devices: new Map(), renderQueued: false, error: null };
+    const head = h("div", { class: "rollout-head" });
+    const overview = h("div", { class: "panel", id: "rollout-summary" });
+    const wavesPanel = h("div", { class: "panel" });
+    const devicesPanel = h("div", { class: "panel" });
+    const message = h("div", { id: "action-error" });
+    show(head, message, overview, wavesPanel, devicesPanel);
+
+    function current() {
+      // The retained summary is the live truth; the REST detail fills in until it arrives.
+      const d = state.detail || {};
+      const s = state.summary || {};
+      return {
+        name: s.name || d.name || `Rollout ${rolloutId}`,
+        status: s.status || d.status || "…",
+        total: s.total ?? d.total ?? 0,
+        counts: s.counts || d.counts || {},
+        percent: s.percent ?? d.percent ?? 0,
+        waves: s.waves || d.waves || [],
+        current_wave: s.current_wave ?? d.current_wave ?? null,
+        eta_seconds: s.eta_seconds ?? d.eta_seconds ?? null,
+        ts: s.ts || null,
+      };
+    }
+
+    function actionButtons(status) {
+      return Object.entries(ACTIONS).map(([action, spec]) => h("button", {
+        type: "button",
+        id: `action-${action}`,
+        class: action === "abort" ? "danger" : "secondary",
+        disabled: !spec.allowed.includes(status),
+        onclick: async () => {
+          if (!(await confirmAction(spec.title, spec.text, spec.label))) return;
+          message.replaceChildren();
+          try {
+            state.detail = Object.assign({}, state.detail || {}, await api(
+              `/v1/rollouts/${rolloutId}/${action}`, { method: "POST" }));
+            if (state.summary) state.summary.status = state.detail.status;
+            render();
+          } catch (err) {
+            message.replaceChildren(errorBox(err));
+          }
+        },
+      }, spec.label));
+    }
+
+    function render() {
+      state.renderQueued = false;
+      const c = current();
+      fill(head, 
+        h("h1", { id: "rollout-name" }, c.name),
+        h("span", { id: "rollout-status", "data-status": c.status }, badge(c.status)),
+        h("div", { class: "actions" }, actionButtons(c.status)),
+      );
+      const ended = Object.entries(c.counts).filter(([k]) => END_STATES.has(k)).reduce((a, [, v]) => a + v, 0);
+      const countNodes = STATE_ORDER.filter((k) => c.counts[k]).map((k) =>
+        h("div", { class: "count", "data-state": k }, h("b", { "data-count": k }, c.counts[k]), h("span", {}, k)));
+      overview.dataset.source = state.summary ? "mqtt" : (state.detail ? "api" : "none");
+      overview.dataset.ts = c.ts || "";
+      const detail = state.detail;
+      fill(overview, 
+        h("div", { class: "bar-label" },
+          h("span", {}, h("b", { id: "rollout-percent" }, fmtPercent(c.percent)), " done"),
+          h("span", { class: "muted" }, `${ended} / ${c.total} devices · ETA `,
+            h("span", { id: "rollout-eta" }, c.status === "RUNNING" ? fmtEta(c.eta_seconds) : "—"))),
+        bar(c.percent / 100, { big: true, busy: c.status === "RUNNING" }),
+        h("h2", { style: "margin-top:1rem" }, "Devices per state"),
+        h("div", { class: "counts", id: "rollout-counts" },
+          countNodes.length ? countNodes : h("span", { class: "muted" }, "no devices yet")),
+        detail && detail.reason ? h("p", { class: "notice" }, `Reason: ${detail.reason}`) : null,
+        detail ? h("div", { class: "kv muted", style: "margin-top:1rem" },
+          h("span", {}, "Firmware"), h("span", {}, `#${detail.firmware_id}`),
+          h("span", {}, "Target"), h("span", {}, targetText(detail.target)),
+          h("span", {}, "Started"), h("span", {}, fmtTime(detail.started_at))) : null,
+      );
+      fill(wavesPanel, 
+        h("h2", {}, "Waves"),
+        h("div", { class: "waves", id: "rollout-waves" }, c.waves.map((w) => h("div", { "data-wave": w.index },
+          h("div", { class: "bar-label" },
+            h("span", {}, `Wave ${w.index + 1} `, badge(w.status)),
+            h("span", { class: "muted" }, `${w.done} / ${w.size} done · ${w.succeeded} succeeded`)),
+          bar(w.size ? w.done / w.size : 0, { busy: w.status === "RUNNING" })))),
+      );
+      const devices = [...state.devices.values()].sort((a, b) => (a.device_id < b.device_id ? -1 : 1));
+      const rows = devices.slice(0, MAX_DEVICE_ROWS).map((d) => h("tr", { "data-device": d.device_id },
+        h("td", {}, d.device_id),
+        h("td", {}, badge(d.state)),
+        h("td", {}, bar((d.progress || 0) / 100, { mini: true, busy: !END_STATES.has(d.state) }),
+          h("span", {}, `${d.progress || 0}%`)),
+        h("td", { class: "num hide-sm" }, d.attempt),
+        h("td", { class: "hide-sm" }, d.running_version || "—"),
+        h("td", { class: d.error ? "error" : "muted" }, d.error || "—")));
+      fill(devicesPanel, 
+        h("h2", {}, `Devices (${devices.length})`),
+        devices.length > MAX_DEVICE_ROWS
+          ? h("p", { class: "muted" }, `Showing the first ${MAX_DEVICE_ROWS} by device id.`) : null,
+        h("div", { class: "table-wrap" },
+          h("table", { id: "device-table" },
+            h("thead", {}, h("tr", {}, h("th", {}, "Device"), h("th", {}, "State"), h("th", {}, "Progress"),
+              h("th", { class: "num hide-sm" }, "Attempt"), h("th", { class: "hide-sm" }, "Running"),
+              h("th", {}, "Error"))),
+            h("tbody", {}, rows))),
+      );
+    }
+
+    function scheduleRender() {
+      if (state.renderQueued) return;
+      state.renderQueued = true;
+      requestAnimationFrame(render);
+    }
+
+    const summaryTopic = `fleet/v1/portal/rollouts/${rolloutId}`;
+    const unsubscribe = subscribe([summaryTopic, `${summaryTopic}/devices/+`], (topic, doc) => {
+      if (topic === summaryTopic) {
+        if (doc && (!state.summary || doc.ts >= state.summary.ts)) state.summary = doc;
+      } else {
+        const deviceId = topic.slice(summaryTopic.length + "/devices/".length);
+        const known = state.devices.get(deviceId);
+        if (!doc) state.devices.delete(deviceId);
+        else if (!known || doc.ts >= known.ts) state.devices.set(deviceId, doc);
+      }
+      scheduleRender();
+    });
+    render();
+    ensureMqtt().catch((err) => message.replaceChildren(errorBox(`live updates unavailable: ${err.message}`)));
+    try {
+      state.detail = await api(`/v1/rollouts/${rolloutId}`);
+      scheduleRender();
+    } catch (err) {
+      message.replaceChildren(errorBox(err));
+    }
+    return unsubscribe;
+  }
+
+  // ------------------------------------------------------------------ routing
+  let leave = null;
+  let generation = 0;
+
+  async function route() {
+    const mine = ++generation;
+    if (leave) {
+      leave();
+      leave = null;
+    }
+    if (!token()) {
+      logout("");
+      return;
+    }
+    document.getElementById("nav").hidden = false;
+    document.getElementById("logout").hidden = false;
+    const hash = location.hash.replace(/^#/, "") || "/";
+    const parts = hash.split("/").filter(Boolean);
+    let nav = "overview";
+    try {
+      if (parts[0] === "firmware") {
+        nav = "firmware";
+        markNav(nav);
+        await firmwareView();
+      } else if (parts[0] === "rollouts" && parts[1] === "new") {
+        nav = "new";
+        markNav(nav);
+        await newRolloutView();
+      } else if (parts[0] === "rollouts" && /^\d+$/.test(parts[1] || "")) {
+        nav = "rollouts";
+        markNav(nav);
+        const unsubscribe = await rolloutView(Number(parts[1]));
+        if (mine === generation) leave = unsubscribe;
+        else unsubscribe();
+      } else if (parts[0] === "rollouts") {
+        nav = "rollouts";
+        markNav(nav);
+        await rolloutsView();
+      } else {
+        markNav(nav);
+        await overviewView();
+      }
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 401)) show(errorBox(err));
+    }
+  }
+
+  function markNav(active) {
+    for (const link of document.querySelectorAll("[data-nav]")) {
+      link.classList.toggle("active", link.dataset.nav === active);
+    }
+  }
+
+  document.getElementById("logout").addEventListener("click", () => logout("Signed out."));
+  window.addEventListener("hashchange", route);
+  route();
+})();

@@ -1,0 +1,156 @@
+"""End to end in headless Chromium: sign in, create a rollout from the form, watch it live over
+MQTT-over-WebSockets, pause and resume it, reload mid-flight, and see it finish.
+
+Screenshots (1280x800 and a 390x844 phone) are written to tests/portal/artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import QUICK_REAL, Harness
+from tests.portal.conftest import make_token
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
+
+DEVICES = 12
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+IN_FLIGHT = ("OFFERED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "REBOOTING")
+
+
+def shown_counts(page: Any) -> dict[str, int]:
+    """The per-state counters as the page shows them."""
+    found: dict[str, int] = {}
+    for node in page.locator("#rollout-counts [data-count]").all():
+        found[node.get_attribute("data-count")] = int(node.inner_text())
+    return found
+
+
+def shown_percent(page: Any) -> float:
+    return float(page.locator("#rollout-percent").inner_text().rstrip("%"))
+
+
+def test_rollout_from_the_portal_end_to_end(portal_harness: Harness, browser: Any, artifacts: Path) -> None:
+    h = portal_harness
+    prefix = "portal-"
+    slow = {**QUICK_REAL, "install_time": "0.5:1.5"}
+    h.start_fleet(DEVICES, prefix=prefix, params=slow)
+    firmware_id = h.add_sample_firmware()
+    secret = make_token(h.database_url, "operator")
+    base = h.stack.api_url
+    console_errors: list[str] = []
+
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+
+    # Sign in: the token is kept in local storage and the fleet overview appears.
+    page.goto(f"{base}/")
+    page.fill("#token", secret)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_function(f"document.querySelector('#device-total')?.textContent === '{DEVICES}'")
+    assert page.locator("#fleet-table").inner_text().count("sensor-v2") == 1
+    page.goto(f"{base}/#/firmware")
+    page.wait_for_selector("#firmware-table td:has-text('1.1.0')")
+
+    # New rollout from the form.
+    page.click("a[data-nav=new]")
+    page.wait_for_selector("#rollout-form")
+    page.fill("#name", "portal e2e")
+    page.select_option("#firmware_id", str(firmware_id))
+    page.fill("#target_model", "sensor-v2")
+    page.fill("#waves", "25%, 100%")
+    page.fill("#success_threshold", "90")
+    page.fill("#max_in_flight", "4")
+    page.screenshot(path=str(artifacts / "new-rollout-1280x800.png"), full_page=True)
+    page.click("#create-rollout")
+    page.wait_for_url(re.compile(r".*#/rollouts/\d+$"))
+    rollout_id = int(page.url.rsplit("/", 1)[1])
+    assert h.status(rollout_id) == "RUNNING"
+
+    # Live over MQTT: devices appear in the table as the rollout proceeds.
+    page.wait_for_selector("#live[data-state=on]")
+    page.wait_for_selector("#rollout-summary[data-source=mqtt]")
+    page.wait_for_function("document.querySelectorAll('#device-table tbody tr').length > 0")
+
+    # Pause: the confirmation names who is affected; then resume.
+    page.click("#action-pause")
+    dialog_text = page.locator("#confirm-text").inner_text()
+    assert "not started yet" in dialog_text
+    page.click("#confirm-ok")
+    page.wait_for_selector("#rollout-status[data-status=PAUSED]")
+    assert h.status(rollout_id) == "PAUSED"
+    page.click("#action-resume")
+    assert "not started yet" in page.locator("#confirm-text").inner_text()
+    page.click("#confirm-ok")
+    page.wait_for_selector("#rollout-status[data-status=RUNNING]")
+
+    # Mid-flight: wait for devices busy updating, then screenshot at both sizes.
+    page.wait_for_function(
+        "[...document.querySelectorAll('#rollout-counts [data-count]')]"
+        f".some(n => {list(IN_FLIGHT)!r}.includes(n.dataset.count))"
+        " && parseFloat(document.querySelector('#rollout-percent').textContent) < 100"
+    )
+    page.screenshot(path=str(artifacts / "rollout-midflight-1280x800.png"), full_page=True)
+    phone = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
+    phone.add_init_script(f"localStorage.setItem('fleet.portal.token', {secret!r})")
+    phone_page = phone.new_page()
+    phone_page.set_default_timeout(15_000)
+    phone_page.goto(f"{base}/#/rollouts/{rollout_id}")
+    phone_page.wait_for_selector("#rollout-summary[data-source=mqtt]")
+    phone_page.wait_for_function("document.querySelectorAll('#device-table tbody tr').length > 0")
+    phone_page.screenshot(path=str(artifacts / "rollout-midflight-390x844.png"), full_page=True)
+
+    # Reload mid-rollout: the retained topics restore the state at once, on the same page.
+    before = shown_percent(page)
+    assert before < 100
+    page.reload()
+    reloaded = time.monotonic()
+    page.wait_for_selector("#rollout-summary[data-source=mqtt]", timeout=2_000)
+    page.wait_for_function("document.querySelectorAll('#device-table tbody tr').length > 0", timeout=2_000)
+    restored_in = time.monotonic() - reloaded
+    assert page.url.endswith(f"#/rollouts/{rollout_id}")
+    assert sum(shown_counts(page).values()) == DEVICES
+    assert shown_percent(page) >= before
+    assert restored_in < 2.0
+
+    # The end: counters reach 100 % without any reload or polling.
+    done = "document.querySelector('#rollout-percent').textContent === '100%'"
+    page.wait_for_function(done, timeout=60_000)
+    page.wait_for_selector("#rollout-status[data-status=COMPLETED]", timeout=10_000)
+    page.wait_for_function(
+        f"document.querySelector('[data-count=SUCCEEDED]')?.textContent === '{DEVICES}'", timeout=10_000
+    )
+    assert h.wait_status(rollout_id, "COMPLETED", timeout=10) == "COMPLETED"
+    assert h.counts(rollout_id) == {"SUCCEEDED": DEVICES}
+    rows = page.locator("#device-table tbody tr")
+    assert rows.count() == DEVICES
+    assert all("100%" in text for text in rows.all_inner_texts())
+    assert page.locator("#action-pause").is_disabled()
+    assert "null" not in page.locator("#view").inner_text()
+    page.screenshot(path=str(artifacts / "rollout-done-1280x800.png"), full_page=True)
+    phone_page.wait_for_selector("#rollout-status[data-status=COMPLETED]", timeout=10_000)
+    phone_page.screenshot(path=str(artifacts / "rollout-done-390x844.png"), full_page=True)
+    assert phone_page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    phone_page.goto(f"{base}/#/rollouts/new")
+    phone_page.wait_for_selector("#rollout-form")
+    phone_page.screenshot(path=str(artifacts / "new-rollout-390x844.png"), full_page=True)
+    phone_page.goto(f"{base}/#/")
+    phone_page.wait_for_selector("#fleet-table")
+    phone_page.screenshot(path=str(artifacts / "fleet-390x844.png"), full_page=True)
+
+    # The lists show the rollout too.
+    page.goto(f"{base}/#/rollouts")
+    page.wait_for_selector(f"#rollout-table a[href='#/rollouts/{rollout_id}']")
+    page.screenshot(path=str(artifacts / "rollouts-1280x800.png"))
+    phone.close()
+    context.close()
+    assert console_errors == []
