@@ -37,7 +37,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not integration and not slow' $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/fleet demo
+	$(BIN)/fleet up --simulate 100 --demo
 
 bench: $(STAMP)
 	@set -e; for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python "$$f"; done

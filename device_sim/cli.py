@@ -83,6 +83,13 @@ def sim(
     password: Annotated[
         str | None, typer.Option(envvar="FLEET_DEVICE_PASSWORD", help="MQTT password of every device.")
     ] = None,
+    password_secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEET_DEVICE_PASSWORD_SECRET",
+            help="Per-device MQTT passwords: hex HMAC-SHA256(secret, device id); overrides --password.",
+        ),
+    ] = None,
     fail_rate: Annotated[
         list[str] | None,
         typer.Option(help=f"Override a failure rate: NAME=P, NAME in {', '.join(RATE_NAMES)}."),
@@ -119,6 +126,7 @@ def sim(
             first_index=first_index,
             labels=_split_pairs(labels or []),
             password=password,
+            password_secret=password_secret,
             fail_rates=_rates(fail_rate or []),
             params=_split_pairs(set_param or []),
             fetch=fetch,

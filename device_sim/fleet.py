@@ -76,6 +76,7 @@ class FleetConfig:
     device_ids: list[str] | None = None  # explicit ids instead of prefix + index
     labels: dict[str, str] = field(default_factory=dict)
     password: str | None = None
+    password_secret: str | None = None  # per-device passwords: HMAC(secret, device id)
     fail_rates: dict[str, float] = field(default_factory=dict)  # e.g. {"install_error": 0.1}
     params: dict[str, str] = field(default_factory=dict)  # profile overrides, e.g. {"install_time": "1:3"}
     fetch: str | None = None  # override the profile's fetch mode ("http" or "skip")
@@ -128,6 +129,8 @@ class FleetConfig:
             argv += ["--labels", f"{key}={value}"]
         if self.password is not None:
             argv += ["--password", self.password]
+        if self.password_secret is not None:
+            argv += ["--password-secret", self.password_secret]
         for key, rate in self.fail_rates.items():
             argv += ["--fail-rate", f"{key}={rate}"]
         for key, raw in self.params.items():
@@ -179,7 +182,7 @@ class SimulatedFleet:
             )
         self._all_connected = asyncio.Event()
         self._ctx = AgentContext(
-            broker=BrokerAddress.parse(cfg.broker_url, cfg.password),
+            broker=BrokerAddress.parse(cfg.broker_url, cfg.password, cfg.password_secret),
             public_key=self._public_key(),
             profile=self.profile,
             installer=self.installer,

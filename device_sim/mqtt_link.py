@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import random
 import socket
@@ -82,9 +84,18 @@ class BrokerAddress:
     port: int = 1883
     tls: bool = False
     password: str | None = None
+    password_secret: str | None = None  # set: each device's password is derived from it and its id
+
+    def password_for(self, device_id: str) -> str | None:
+        """The MQTT password ``device_id`` connects with."""
+        if self.password_secret is not None:
+            return derive_device_password(self.password_secret, device_id)
+        return self.password
 
     @classmethod
-    def parse(cls, url: str, password: str | None = None) -> BrokerAddress:
+    def parse(
+        cls, url: str, password: str | None = None, password_secret: str | None = None
+    ) -> BrokerAddress:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
             raise ValueError(f"unsupported broker URL scheme {parts.scheme!r} (use mqtt:// or mqtts://)")
@@ -97,7 +108,17 @@ class BrokerAddress:
             port=parts.port or (8883 if tls else 1883),
             tls=tls,
             password=password if password is not None else url_password,
+            password_secret=password_secret,
         )
+
+
+def derive_device_password(secret: str, device_id: str) -> str:
+    """Per-device MQTT password: hex HMAC-SHA256 of the device id keyed with ``secret``.
+
+    The broker's user list and the simulator derive the same value from one shared secret, so
+    each device still has its own password without a file of N passwords.
+    """
+    return hmac.new(secret.encode(), device_id.encode(), hashlib.sha256).hexdigest()
 
 
 class MqttLink:
@@ -260,7 +281,7 @@ class MqttLink:
             b.port,
             identifier=self.device_id,
             username=self.device_id,
-            password=b.password,
+            password=b.password_for(self.device_id),
             will=aiomqtt.Will(online_topic(self.device_id), OFFLINE.encode(), qos=1, retain=True),
             keepalive=self._keepalive,
             clean_session=True,

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.api.token_cli import token_app
-from orchestrator.cli import demo_cmd, rollout_cmds
+from orchestrator.cli import demo_cmd, rollout_cmds, up_cmd
 from orchestrator.config import get_settings
 from orchestrator.errors import FleetError
 
@@ -20,6 +20,8 @@ app.add_typer(rollout_cmds.firmware_app, name="firmware")
 app.add_typer(rollout_cmds.rollout_app, name="rollout")
 app.add_typer(rollout_cmds.devices_app, name="devices")
 app.command("demo")(demo_cmd.demo)
+app.command("up")(up_cmd.up)
+app.command("broker-users")(up_cmd.broker_users)
 app.add_typer(token_app, name="token")
 console = Console(stderr=True)
 

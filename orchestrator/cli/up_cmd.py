@@ -1,0 +1,428 @@
+"""``fleet up``: the whole orchestrator on one machine, supervised; optionally a simulated fleet.
+
+Starts, on free loopback ports, a migrated SQLite database, a private Redis, an MQTT broker with
+users and topic ACLs (a ``service`` user for the orchestrator's processes, a read-only ``portal``
+user, one ``device`` user per simulated device with a password derived from a per-run secret),
+then the API, ingest, a Celery worker and beat, and with ``--simulate N`` a simulated fleet. It
+prints the URLs, an operator API token and the portal's MQTT credentials, and writes them to
+``<data-dir>/stack.json`` (mode 0600).
+
+A child that dies is restarted (with backoff, at most a few times a minute); Redis or the broker
+dying ends the run, since their state cannot be recovered. Ctrl-C or SIGTERM stops everything in
+reverse order. ``--demo`` runs a 3-wave rollout of the sample firmware over the simulated fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from orchestrator.embedded import MqttUser, RedisServer, Role, cleanup_stale, start_broker
+from orchestrator.embedded.mqtt_broker import BrokerPreference, MqttBroker
+from orchestrator.embedded.process import ManagedProcess, process_alive, process_start_ticks
+from orchestrator.local_stack import LocalStack, StackSettings
+from orchestrator.supervisor import SupervisionError, Supervisor
+
+console = Console()
+SERVICE_USER = "service"
+PORTAL_USER = "portal"
+STACK_FILE = "stack.json"
+# Files and directories of a data dir that a fresh demo removes (nothing else is touched).
+_RESETTABLE = ("fleet.db", "fleet.db-wal", "fleet.db-shm", "firmware", "logs", "celerybeat-schedule")
+
+
+@dataclass
+class UpOptions:
+    """What ``fleet up`` should run (the command-line options)."""
+
+    simulate: int = 0
+    demo: bool = False
+    exit_when_done: bool = False
+    data_dir: Path = Path("var/up")
+    profile: str = "realistic"
+    waves: str = "10%,50%,100%"
+    broker: BrokerPreference = "auto"
+    workers: int = 1
+
+
+def up(
+    simulate: int = typer.Option(0, "--simulate", "-n", min=0, help="also run N simulated devices"),
+    demo: bool = typer.Option(False, "--demo", help="roll the sample firmware out to the simulated devices"),
+    exit_when_done: bool = typer.Option(
+        False, "--exit-when-done", help="with --demo: stop everything once the rollout ended"
+    ),
+    data_dir: Path = typer.Option(Path("var/up"), help="database, logs, PID files and stack.json"),
+    profile: str = typer.Option("realistic", help="simulator profile: instant, realistic, flaky"),
+    waves: str = typer.Option("10%,50%,100%", help="with --demo: wave sizes"),
+    broker: str = typer.Option("auto", help="MQTT broker: auto (Mosquitto if installed), mosquitto, amqtt"),
+    workers: int = typer.Option(1, min=1, help="Celery worker processes"),
+) -> None:
+    """Run the orchestrator on this machine (embedded Redis, MQTT broker, SQLite) until Ctrl-C."""
+    if broker not in ("auto", "mosquitto", "amqtt"):
+        raise typer.BadParameter("--broker must be auto, mosquitto or amqtt")
+    if demo and simulate == 0:
+        raise typer.BadParameter("--demo needs simulated devices: add --simulate N")
+    if exit_when_done and not demo:
+        raise typer.BadParameter("--exit-when-done only makes sense with --demo")
+    options = UpOptions(
+        simulate=simulate,
+        demo=demo,
+        exit_when_done=exit_when_done,
+        data_dir=data_dir,
+        profile=profile,
+        waves=waves,
+        broker=broker,  # type: ignore[arg-type]
+        workers=workers,
+    )
+    raise typer.Exit(run_up(options))
+
+
+# ------------------------------------------------------------------ helpers
+def _prepare_data_dir(options: UpOptions) -> Path:
+    data_dir = options.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = data_dir.resolve()
+    _refuse_if_running(data_dir)
+    cleanup_stale(data_dir / "run")
+    (data_dir / STACK_FILE).unlink(missing_ok=True)
+    if options.demo:
+        for name in _RESETTABLE:
+            path = data_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    return data_dir
+
+
+def _refuse_if_running(data_dir: Path) -> None:
+    try:
+        info = json.loads((data_dir / STACK_FILE).read_text())
+        pid, ticks = int(info["pid"]), info.get("pid_start_ticks")
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid != os.getpid() and process_alive(pid, ticks):
+        raise typer.BadParameter(f"another `fleet up` (pid {pid}) is running on {data_dir}")
+
+
+def _users(device_ids: list[str], device_secret: str) -> tuple[MqttUser, MqttUser, list[MqttUser]]:
+    from device_sim.mqtt_link import derive_device_password
+
+    service = MqttUser(SERVICE_USER, secrets.token_urlsafe(24), Role.SERVICE)
+    portal = MqttUser(PORTAL_USER, secrets.token_urlsafe(24), Role.PORTAL)
+    devices = [MqttUser(d, derive_device_password(device_secret, d), Role.DEVICE) for d in device_ids]
+    return service, portal, devices
+
+
+def _operator_token(database_url: str) -> str:
+    from orchestrator.db import session_scope
+    from orchestrator.services import token_service
+
+    with session_scope(database_url) as session:
+        _token, secret = token_service.create_token(
+            session, name="fleet up operator", role=token_service.Role.OPERATOR
+        )
+    return secret
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        stream.write(text)
+    os.replace(tmp, path)
+
+
+def _sim_process(options: UpOptions, data_dir: Path, broker_url: str, env: dict[str, str]) -> ManagedProcess:
+    from device_sim.fleet import FleetConfig
+    from orchestrator.cli.demo_cmd import DEMO_SPEED
+    from orchestrator.config import DEV_PUBLIC_KEY
+
+    config = FleetConfig(
+        broker_url=broker_url,
+        devices=options.simulate,
+        model="sensor-v2",
+        version="1.0.0",
+        profile=options.profile,
+        public_key=DEV_PUBLIC_KEY,
+    )
+    if options.profile != "instant":
+        # Real downloads and reboots, sped up so a rollout takes seconds, not minutes.
+        config.params = dict(DEMO_SPEED)
+    argv = [sys.executable, "-m", "device_sim", *config.to_argv(), "--quiet"]
+    return ManagedProcess(
+        argv,
+        name="sim",
+        pid_file=data_dir / "run" / "sim.pid",
+        log_file=data_dir / "logs" / "sim.log",
+        marker="device_sim",
+        env=env,
+        cwd=Path.cwd(),
+        die_with_parent=True,
+    )
+
+
+class _Stop(Exception):
+    """Raised by the signal handler while starting up."""
+
+
+# ------------------------------------------------------------------ the run
+def run_up(options: UpOptions) -> int:
+    """Start everything, supervise until done or signalled, stop everything; the exit status."""
+    from device_sim.fleet import READY_PREFIX, FleetConfig
+    from orchestrator.db import upgrade_database
+    from orchestrator.worker.celery_app import use_redis
+
+    stop = threading.Event()
+    starting = True
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+        if starting:
+            raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    data_dir = _prepare_data_dir(options)
+    run_dir, log_dir = data_dir / "run", data_dir / "logs"
+    database_url = f"sqlite:///{data_dir / 'fleet.db'}"
+    device_ids = FleetConfig(devices=options.simulate).ids()
+    device_secret = secrets.token_hex(32)
+    service, portal, device_users = _users(device_ids, device_secret)
+    supervisor = Supervisor(on_event=lambda line: console.print(f"[yellow]supervisor:[/] {line}"))
+    redis_server: RedisServer | None = None
+    broker: MqttBroker | None = None
+    stack: LocalStack | None = None
+    info: dict[str, Any] = {}
+    code = 0
+    try:
+        with console.status("starting Redis and the MQTT broker…"):
+            redis_server = RedisServer(run_dir=run_dir).start()
+            users = [service, portal, *device_users]
+            broker = start_broker(options.broker, run_dir=run_dir, users=users, allow_anonymous=False)
+        supervisor.add("redis", _ServerChild(redis_server), restart=False, stop=redis_server.stop)
+        supervisor.add("broker", _ServerChild(broker), restart=False, stop=broker.stop)
+        upgrade_database(database_url)
+        use_redis(redis_server.url)
+        token = _operator_token(database_url)
+        settings = StackSettings(
+            data_dir=data_dir,
+            database_url=database_url,
+            redis_url=redis_server.url,
+            mqtt_url=broker.url,
+            shared_subscriptions=broker.supports_mqtt5,
+            extra_env={
+                "FLEET_MQTT_USERNAME": service.username,
+                "FLEET_MQTT_PASSWORD": service.password,
+                "FLEET_PORTAL_MQTT_WS_URL": broker.ws_url,
+                "FLEET_PORTAL_MQTT_USERNAME": portal.username,
+                "FLEET_PORTAL_MQTT_PASSWORD": portal.password,
+            },
+        )
+        stack = LocalStack(settings)
+        with console.status("starting API, ingest, worker and beat…"):
+            stack.start_all(workers=options.workers)
+        for name, process in stack.processes.items():
+            supervisor.add(name, process)
+        if options.simulate:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+            env.update(
+                PYTHONUNBUFFERED="1", FLEET_DATA_DIR=str(data_dir), FLEET_DEVICE_PASSWORD_SECRET=device_secret
+            )
+            sim = _sim_process(options, data_dir, broker.url, env)
+            with console.status(f"connecting {options.simulate} simulated devices…"):
+                sim.start()
+                supervisor.add("sim", sim)
+                sim.wait_ready(lambda: READY_PREFIX in sim.log_file.read_text(errors="replace"), timeout=120)
+        info = {
+            "pid": os.getpid(),
+            "pid_start_ticks": process_start_ticks(os.getpid()),
+            "data_dir": str(data_dir),
+            "api_url": stack.api_url,
+            "docs_url": f"{stack.api_url}/docs",
+            "portal_url": f"{stack.api_url}/",
+            "mqtt_url": broker.url,
+            "mqtt_ws_url": broker.ws_url,
+            "broker": broker.kind,
+            "redis_url": redis_server.url,
+            "database_url": database_url,
+            "operator_token": token,
+            "portal_mqtt_username": portal.username,
+            "portal_mqtt_password": portal.password,
+            "service_mqtt_username": service.username,
+            "service_mqtt_password": service.password,
+            "simulated_devices": options.simulate,
+            "log_dir": str(log_dir),
+            "run_dir": str(run_dir),
+            "processes": supervisor.pids(),
+        }
+        _write_private(data_dir / STACK_FILE, json.dumps(info, indent=2))
+        _print_banner(info)
+        starting = False
+        if stop.is_set():
+            raise _Stop("signal")
+        code = _supervise(options, supervisor, stop, info, data_dir, database_url)
+    except _Stop as exc:
+        console.print(f"{exc}: stopping")
+        code = 130
+    except SupervisionError as exc:
+        console.print(f"[red]{exc}[/]; stopping everything (logs in {log_dir})")
+        code = 1
+    except Exception as exc:
+        console.print(f"[red]failed:[/] {exc}")
+        code = 1
+    finally:
+        starting = False
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        with console.status("stopping…"):
+            supervisor.stop_all()
+            # Whatever started before the supervisor knew about it (a failed start-up).
+            if stack is not None:
+                stack.stop()
+            if broker is not None:
+                broker.stop()
+            if redis_server is not None:
+                redis_server.stop()
+        (data_dir / STACK_FILE).unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        console.print("stopped")
+    return code
+
+
+class _ServerChild:
+    """Adapts a Redis server or broker object to the supervisor (watched, never restarted)."""
+
+    def __init__(self, server: RedisServer | MqttBroker) -> None:
+        self._server = server
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.pid
+
+    @property
+    def returncode(self) -> int | None:
+        process = getattr(self._server, "_process", None)
+        return process.returncode if process is not None else None
+
+    def is_running(self) -> bool:
+        return self._server.is_running()
+
+    def start(self) -> None:
+        raise SupervisionError("embedded servers are not restarted")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._server.stop(timeout)
+
+
+def _print_banner(info: dict[str, Any]) -> None:
+    console.print(f"[bold]API[/]          {info['api_url']}")
+    console.print(f"[bold]API docs[/]     {info['docs_url']}")
+    console.print(f"[bold]portal[/]       {info['portal_url']}")
+    console.print(f"[bold]MQTT[/]         {info['mqtt_url']} ({info['broker']})")
+    console.print(f"[bold]MQTT (WS)[/]    {info['mqtt_ws_url']}")
+    console.print(f"[bold]operator token[/] {info['operator_token']}")
+    console.print(
+        f"[bold]portal MQTT login[/] {info['portal_mqtt_username']} / {info['portal_mqtt_password']}"
+    )
+    console.print(f"details in {info['data_dir']}/{STACK_FILE}; logs in {info['log_dir']}")
+    console.print("Ctrl-C stops everything")
+
+
+def _supervise(
+    options: UpOptions,
+    supervisor: Supervisor,
+    stop: threading.Event,
+    info: dict[str, Any],
+    data_dir: Path,
+    database_url: str,
+) -> int:
+    """Watch the children until a signal (0), or with --exit-when-done the end of the demo."""
+    demo_result: list[bool] = []
+    demo_done = threading.Event()
+
+    def run_demo() -> None:
+        from orchestrator.cli.demo_cmd import run_demo as demo_rollout
+
+        try:
+            demo_result.append(demo_rollout(database_url, data_dir, options.simulate, options.waves))
+        except BaseException as exc:  # the thread must always report back
+            console.print(f"[red]demo failed:[/] {exc!r}")
+            demo_result.append(False)
+        finally:
+            demo_done.set()
+
+    if options.demo:
+        threading.Thread(target=run_demo, name="demo", daemon=True).start()
+
+    def restarted(_name: str) -> None:
+        info["processes"] = supervisor.pids()
+        _write_private(data_dir / STACK_FILE, json.dumps(info, indent=2))
+
+    supervisor.on_restart = restarted
+    announced = False
+    while not stop.wait(0.25):
+        supervisor.check()
+        if demo_done.is_set():
+            ok = bool(demo_result and demo_result[0])
+            if options.exit_when_done:
+                return 0 if ok else 1
+            if not announced:
+                console.print("the stack keeps running; Ctrl-C stops everything")
+                announced = True
+    console.print("signal received: stopping")
+    if options.demo and demo_done.is_set() and not (demo_result and demo_result[0]):
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------ broker users for a real Mosquitto
+def broker_users(
+    out: Path = typer.Option(Path("var/mosquitto/passwords"), help="Mosquitto password file to write"),
+    devices: int = typer.Option(
+        0, "--devices", "-n", min=0, help="device users sim-00000 … (for `fleet sim`)"
+    ),
+    id_prefix: str = typer.Option("sim-", help="device ids are PREFIX + zero-padded index"),
+    service_password: str = typer.Option(..., envvar="FLEET_MQTT_PASSWORD", help="password of `service`"),
+    portal_password: str = typer.Option(
+        ..., envvar="FLEET_PORTAL_MQTT_PASSWORD", help="password of the read-only `portal` user"
+    ),
+    device_secret: str = typer.Option(
+        None,
+        envvar="FLEET_DEVICE_PASSWORD_SECRET",
+        help="device passwords are HMAC-SHA256(secret, device id), as `fleet sim --password-secret`",
+    ),
+    mode: str = typer.Option("0600", help="file mode (octal); the broker's user must be able to read it"),
+) -> None:
+    """Write a Mosquitto password file: `service`, `portal` and optionally simulated devices.
+
+    The topic ACLs live in docs/deploy/mosquitto/acl (devices by pattern, so no per-device lines).
+    """
+    from device_sim.fleet import FleetConfig
+    from device_sim.mqtt_link import derive_device_password
+    from orchestrator.embedded.auth import mosquitto_password_hash
+
+    if devices and not device_secret:
+        raise typer.BadParameter("device users need --device-secret (or FLEET_DEVICE_PASSWORD_SECRET)")
+    users = [
+        MqttUser(SERVICE_USER, service_password, Role.SERVICE),
+        MqttUser(PORTAL_USER, portal_password, Role.PORTAL),
+    ]
+    ids = FleetConfig(devices=devices, id_prefix=id_prefix).ids() if devices else []
+    users += [MqttUser(d, derive_device_password(device_secret, d), Role.DEVICE) for d in ids]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(out, "".join(f"{u.username}:{mosquitto_password_hash(u.password)}\n" for u in users))
+    out.chmod(int(mode, 8))
+    console.print(f"wrote {len(users)} users to {out}")

@@ -1,0 +1,291 @@
+"""``fleet up``: the supervised all-in-one stack, its demo, and the compose deployment files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from device_sim.mqtt_link import BrokerAddress, derive_device_password
+from orchestrator.config import REPO_ROOT
+from orchestrator.embedded import ServerNotFoundError, find_redis_server
+from orchestrator.embedded.auth import MqttUser, Role, render_mosquitto_acl
+from orchestrator.supervisor import SupervisionError, Supervisor
+
+MARK_VAR = "UP_TEST_MARK"  # inherited by every descendant of the `fleet up` under test
+
+
+# ------------------------------------------------------------------ helpers
+def _marked_pids(mark: str, data_dir: Path) -> list[int]:
+    """Running processes carrying ``mark`` in their environment or ``data_dir`` in their command line."""
+    found = []
+    needle_env = f"{MARK_VAR}={mark}".encode()
+    needle_cmd = str(data_dir).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if stat[stat.rfind(")") + 2 :].split()[0] in ("Z", "X"):
+                continue
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle_env in environ.split(b"\0") or needle_cmd in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_gone(mark: str, data_dir: Path, timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _marked_pids(mark, data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def _fleet_up_argv(data_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "up", "--data-dir", str(data_dir), *args]
+
+
+@pytest.fixture
+def up_env() -> Iterator[tuple[str, dict[str, str]]]:
+    try:
+        find_redis_server()
+    except ServerNotFoundError:
+        pytest.skip("no redis-server available")
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update({MARK_VAR: mark, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"})
+    yield mark, env
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_up_demo_rolls_out_and_leaves_nothing_behind(
+    tmp_path: Path, up_env: tuple[str, dict[str, str]]
+) -> None:
+    mark, env = up_env
+    data_dir = tmp_path / "up"
+    argv = _fleet_up_argv(data_dir, "--simulate", "20", "--demo", "--exit-when-done")
+    result = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=140)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    for label in ("API", "API docs", "portal", "MQTT", "MQTT (WS)", "operator token", "portal MQTT login"):
+        assert label in out
+    assert "http://127.0.0.1:" in out and "/docs" in out and "ws://127.0.0.1:" in out
+    assert "rollout ended COMPLETED; all devices updated" in out
+    assert "running version" in out and "1.1.0" in out
+    assert not _wait_gone(mark, data_dir), "processes left behind"
+    assert not list((data_dir / "run").glob("*.pid"))
+    assert not (data_dir / "stack.json").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_up_restarts_a_killed_worker_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, up_env: tuple[str, dict[str, str]]
+) -> None:
+    mark, env = up_env
+    data_dir = tmp_path / "up"
+    log = (tmp_path / "up.out").open("w")
+    proc = subprocess.Popen(
+        _fleet_up_argv(data_dir, "--simulate", "5", "--profile", "instant"),
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        stack_file = data_dir / "stack.json"
+        deadline = time.monotonic() + 90
+        while not stack_file.exists():
+            assert proc.poll() is None, (tmp_path / "up.out").read_text()[-4000:]
+            assert time.monotonic() < deadline, "stack.json never appeared"
+            time.sleep(0.2)
+        info: dict[str, Any] = json.loads(stack_file.read_text())
+        assert stack_file.stat().st_mode & 0o077 == 0  # it holds secrets
+        assert info["operator_token"].startswith("fleet_")
+        assert info["portal_mqtt_username"] == "portal" and info["portal_mqtt_password"]
+        assert info["mqtt_ws_url"].startswith("ws://127.0.0.1:")
+        pids = info["processes"]
+        assert set(pids) >= {"redis", "broker", "api", "ingest", "worker1", "beat", "sim"}
+        assert all(_alive(pid) for pid in pids.values())
+        api_env = Path(f"/proc/{pids['api']}/environ").read_bytes().split(b"\0")
+        assert b"FLEET_MQTT_USERNAME=service" in api_env
+        assert b"FLEET_PORTAL_MQTT_USERNAME=portal" in api_env
+        assert f"FLEET_PORTAL_MQTT_WS_URL={info['mqtt_ws_url']}".encode() in api_env
+        old = pids["worker1"]
+        os.kill(old, signal.SIGKILL)
+        new = old
+        deadline = time.monotonic() + 30
+        while new == old or not _alive(new):
+            assert time.monotonic() < deadline, "worker was not restarted"
+            time.sleep(0.2)
+            new = json.loads(stack_file.read_text())["processes"]["worker1"]
+        output = (tmp_path / "up.out").read_text()
+        assert f"worker1 (pid {old}) exited with status -9" in output
+        assert f"worker1 restarted as pid {new}" in output
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert not _wait_gone(mark, data_dir), "processes left behind"
+    assert not list((data_dir / "run").glob("*.pid"))
+
+
+# ------------------------------------------------------------------ supervisor (no processes)
+class FakeChild:
+    def __init__(self) -> None:
+        self.pid: int | None = 100
+        self.returncode: int | None = None
+        self.starts = 0
+        self.stopped = False
+
+    def is_running(self) -> bool:
+        return self.returncode is None
+
+    def start(self) -> None:
+        self.starts += 1
+        self.pid = 100 + self.starts
+        self.returncode = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopped = True
+
+
+def test_supervisor_restarts_with_backoff_then_gives_up() -> None:
+    events: list[str] = []
+    sup = Supervisor(max_restarts=2, window=60, backoff=0.0, on_event=events.append)
+    child = FakeChild()
+    sup.add("w", child)
+    for expected_starts in (1, 2):
+        child.returncode = 1
+        sup.check()  # notices the death, schedules the restart
+        sup.check()  # backoff (0 s) passed: restarts
+        assert child.starts == expected_starts and child.is_running()
+    assert any("exited with status 1" in e for e in events)
+    child.returncode = 1
+    with pytest.raises(SupervisionError, match="giving up"):
+        sup.check()
+
+
+def test_supervisor_essential_child_death_is_fatal_and_stop_is_reversed() -> None:
+    order: list[str] = []
+    sup = Supervisor()
+    a, b = FakeChild(), FakeChild()
+    sup.add("a", a, restart=False, stop=lambda: order.append("a"))
+    sup.add("b", b, stop=lambda: order.append("b"))
+    sup.stop_all()
+    assert order == ["b", "a"]
+    a.returncode = 0
+    with pytest.raises(SupervisionError, match="cannot be restarted"):
+        sup.check()
+
+
+def test_device_passwords_are_derived_per_device() -> None:
+    address = BrokerAddress.parse("mqtt://127.0.0.1:1883", password_secret="s3cret")
+    assert address.password_for("sim-00000") == derive_device_password("s3cret", "sim-00000")
+    assert address.password_for("sim-00000") != address.password_for("sim-00001")
+    assert BrokerAddress.parse("mqtt://h:1", "shared").password_for("sim-00000") == "shared"
+
+
+# ------------------------------------------------------------------ compose deployment
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+DEPLOY = REPO_ROOT / "docs" / "deploy"
+
+
+def test_compose_file_has_the_production_services() -> None:
+    doc = yaml.safe_load(COMPOSE.read_text())
+    services = doc["services"]
+    assert set(services) >= {
+        "postgres",
+        "redis",
+        "mosquitto",
+        "migrate",
+        "api",
+        "worker",
+        "ingest",
+        "beat",
+        "sim",
+    }
+    assert "healthcheck" in services["postgres"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    mosquitto = services["mosquitto"]
+    assert mosquitto["image"].startswith("eclipse-mosquitto:2")
+    mounts = " ".join(mosquitto["volumes"])
+    assert "docs/deploy/mosquitto/acl" in mounts and "passwords" in mounts
+    assert any(p.split(":")[-1] == "9001" for p in mosquitto["ports"])
+    assert services["migrate"]["command"] == ["fleet", "db", "upgrade"]
+    assert services["migrate"]["restart"] == "no"
+    assert services["sim"]["profiles"] == ["sim"]
+    for name in ("api", "worker", "ingest", "beat", "sim"):
+        service = services[name]
+        assert service["build"] == "." and service["env_file"] == ["var/deploy.env"]
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # Scalable: no fixed container name and no published port.
+    assert "container_name" not in services["worker"] and "ports" not in services["worker"]
+    for path in ("mosquitto/mosquitto.conf", "mosquitto/acl", "env.example"):
+        assert (DEPLOY / path).is_file()
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile and "[postgres]" in dockerfile
+
+
+def test_mosquitto_files_match_the_fleet_acl_rules() -> None:
+    users = [
+        MqttUser("service", "x", Role.SERVICE),
+        MqttUser("portal", "x", Role.PORTAL),
+        MqttUser("sim-00000", "x", Role.DEVICE),
+    ]
+    assert (DEPLOY / "mosquitto" / "acl").read_text() == render_mosquitto_acl(users)
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text().split("\n")
+    assert "allow_anonymous false" in conf
+    assert "listener 1883" in conf and "listener 9001" in conf and "protocol websockets" in conf
+    env = (DEPLOY / "env.example").read_text()
+    values = [line.split("=", 1) for line in env.splitlines() if line and not line.startswith("#")]
+    secrets_ = {k: v for k, v in values if "PASSWORD" in k or "SECRET" in k}
+    assert secrets_ and all("dev-only" in v for v in secrets_.values())
+
+
+@pytest.mark.skipif(
+    subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode != 0
+    if shutil.which("docker")
+    else True,
+    reason="the docker compose plugin is not installed",
+)
+def test_docker_compose_config_validates(tmp_path: Path) -> None:
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    shutil.copytree(DEPLOY, tmp_path / "docs" / "deploy")
+    (tmp_path / "var").mkdir()
+    shutil.copy(DEPLOY / "env.example", tmp_path / "var" / "deploy.env")
+    result = subprocess.run(
+        ["docker", "compose", "config", "--quiet"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
