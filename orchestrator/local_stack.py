@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.embedded.ports import free_port, port_is_open
-from orchestrator.embedded.process import ManagedProcess
+from orchestrator.embedded.process import ManagedProcess, ProcessStartError
 
 
 @dataclass
@@ -116,11 +116,20 @@ class LocalStack:
         process.wait_ready(lambda: "subscribed to" in log_file.read_text(errors="replace"), timeout=30)
         return process
 
-    def start_api(self) -> ManagedProcess:
-        argv = [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(self.settings.api_port)]
-        process = self._spawn("api", argv, marker="orchestrator.cli")
-        process.wait_ready(lambda: _http_ok(f"{self.api_url}/healthz"), timeout=30, interval=0.1)
-        return process
+    def start_api(self, attempts: int = 3) -> ManagedProcess:
+        """The API on ``settings.api_port``; if another process took that port meanwhile, on a new one."""
+        for attempt in range(attempts):
+            argv = [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(self.settings.api_port)]
+            process = self._spawn("api", argv, marker="orchestrator.cli")
+            try:
+                process.wait_ready(lambda: _http_ok(f"{self.api_url}/healthz"), timeout=30, interval=0.1)
+                return process
+            except ProcessStartError as exc:
+                process.stop()
+                if "address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                self.settings.api_port = free_port()
+        raise AssertionError("unreachable")
 
     def start_all(self, *, workers: int = 1, concurrency: int = 2, beat: bool = True) -> None:
         self.start_api()

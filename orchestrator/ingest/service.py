@@ -44,6 +44,7 @@ from orchestrator.worker.continuations import DIRTY_ROLLOUTS, ContinuationStore
 log = logging.getLogger(__name__)
 STATS_KEY = "fleet:ingest:stats"
 SHARE_GROUP = "fleet-ingest"
+PUBLISH_TIMEOUT_S = 15.0
 
 
 class IngestService:
@@ -59,6 +60,7 @@ class IngestService:
         self.stats: Counter[str] = Counter()
         self.latencies_ms: deque[float] = deque(maxlen=20000)
         self._dirty: set[int] = set()
+        self._last_summary_ids: set[int] = set()
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ connection
@@ -182,7 +184,7 @@ class IngestService:
             return
         outcome = await asyncio.to_thread(self._apply_sync, reports, infos, presence)
         self.stats.update(outcome.counters)
-        publishes = asyncio.gather(*(client.publish(t, p, qos=1, retain=True) for t, p in outcome.portal))
+        publishes = asyncio.gather(*(self._publish(client, t, p) for t, p in outcome.portal))
         resumed = await asyncio.to_thread(self._resume_sync, outcome)
         await publishes
         now = time.time()
@@ -190,20 +192,32 @@ class IngestService:
         self.stats["resumed"] += resumed
         self._dirty |= outcome.dirty_rollouts
 
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        """Retained QoS 1 publish that cannot hang the loop on a lost acknowledgement."""
+        await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
+
     # ------------------------------------------------------------------ rollout summaries
     async def _summaries(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         interval = self.settings.portal_summary_interval_ms / 1000
         while not stop.is_set():
             await asyncio.sleep(interval)
-            messages = await asyncio.to_thread(self._summary_messages)
-            for topic, payload in messages:
-                await client.publish(topic, payload, qos=1, retain=True)
+            try:
+                messages = await asyncio.to_thread(self._summary_messages)
+                await asyncio.gather(*(self._publish(client, t, p) for t, p in messages))
+            except aiomqtt.MqttError:
+                raise  # the connection is gone: the session reconnects
+            except Exception:
+                # A summary is only a view of SQL: log, and publish it again on the next round.
+                log.exception("publishing rollout summaries failed; retrying")
+                self._dirty |= self._last_summary_ids
+                continue
             self.stats["summaries"] += len(messages)
 
     def _summary_messages(self) -> list[tuple[str, bytes]]:
         popped = self.redis.spop(DIRTY_ROLLOUTS, 1000) or []
         dirty = self._dirty | {int(x) for x in popped}
         self._dirty = set()
+        self._last_summary_ids = dirty
         messages: list[tuple[str, bytes]] = []
         with self.sessions() as session:
             for rollout_id in sorted(dirty):

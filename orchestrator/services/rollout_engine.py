@@ -95,6 +95,7 @@ def kick_rollout(rt: Runtime, rollout_id: int) -> None:
             return
         transition_rollout(session, rollout, RolloutEvent.COMPLETE)
         session.commit()
+        rt.store.mark_dirty(rollout_id)  # after the commit, so the portal never shows a stale end
         log.info("rollout %s completed", rollout_id)
 
 
@@ -130,6 +131,7 @@ def close_wave(rt: Runtime, wave_id: int) -> str | None:
             stop_rollout(session, rollout, RolloutEvent.HALT, reason=reason, actor="system")
         session.commit()
         result = str(wave.status)
+    rt.store.mark_dirty(wave.rollout_id)
     kick_rollout(rt, wave.rollout_id)
     return result
 
