@@ -19,7 +19,10 @@ class Rollout(Base):
     name: Mapped[str] = mapped_column(String(200))
     firmware_id: Mapped[int] = mapped_column(ForeignKey("firmware.id"), index=True)
     status: Mapped[RolloutState] = mapped_column(String(16), default=RolloutState.SCHEDULED, index=True)
-    target: Mapped[dict[str, Any]] = mapped_column(doc="{device_ids: [...]} or {model, labels}")
+    # Deferred: an explicit target can list a million ids, and the engine loads rollouts per task.
+    target: Mapped[dict[str, Any]] = mapped_column(
+        deferred=True, doc="{device_ids: [...]} or {model, labels}"
+    )
     policy: Mapped[dict[str, Any]] = mapped_column(doc="orchestrator.services.policy.RolloutPolicy as JSON")
     total: Mapped[int] = mapped_column(default=0)
     current_wave: Mapped[int | None]

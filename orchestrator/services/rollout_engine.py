@@ -8,6 +8,7 @@ the reconciler may call them again after a lost canvas.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from celery import chain, chord
@@ -35,8 +36,18 @@ log = logging.getLogger(__name__)
 MIN_FINISHED_FOR_PERCENT = 10
 
 
+_policies: dict[tuple[int, datetime], RolloutPolicy] = {}
+
+
 def policy_of(rollout: Rollout) -> RolloutPolicy:
-    return RolloutPolicy.model_validate(rollout.policy)
+    """The rollout's policy, parsed once per process (a policy never changes after creation)."""
+    key = (rollout.id, rollout.created_at)
+    policy = _policies.get(key)
+    if policy is None:
+        if len(_policies) > 10_000:
+            _policies.clear()
+        policy = _policies[key] = RolloutPolicy.model_validate(rollout.policy)
+    return policy
 
 
 def device_chain(update_id: int) -> Any:
