@@ -22,7 +22,7 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -110,6 +110,26 @@ class BrokerAddress:
             password=password if password is not None else url_password,
             password_secret=password_secret,
         )
+
+
+async def _acked(client: aiomqtt.Client, request: Awaitable[Any]) -> None:
+    """Await ``request`` (a publish or subscribe on ``client``) until the broker acknowledges it.
+
+    Raises MqttError as soon as the connection is lost: aiomqtt itself keeps waiting for the
+    acknowledgement until its timeout (30 s), which would hold the outbox back after a reconnect.
+    """
+    lost = client._disconnected
+    task = asyncio.ensure_future(request)
+    try:
+        await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled():
+            task.exception()  # retrieved here: raised below, or dropped if this wait was cancelled
+    if not task.done() or task.cancelled():
+        raise aiomqtt.MqttError("connection lost before the broker acknowledged")
+    task.result()
 
 
 def derive_device_password(secret: str, device_id: str) -> str:
@@ -295,10 +315,10 @@ class MqttLink:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         device_id = self.device_id
-        await client.publish(info_topic(device_id), self._info(), qos=1, retain=True)
-        await client.publish(online_topic(device_id), ONLINE.encode(), qos=1, retain=True)
+        await _acked(client, client.publish(info_topic(device_id), self._info(), qos=1, retain=True))
+        await _acked(client, client.publish(online_topic(device_id), ONLINE.encode(), qos=1, retain=True))
         # The retained desired document (if any) arrives right after this subscription.
-        await client.subscribe(desired_topic(device_id), qos=1)
+        await _acked(client, client.subscribe(desired_topic(device_id), qos=1))
         self._client = client
         self.connects += 1
         if self._waiters:
@@ -350,7 +370,7 @@ class MqttLink:
         try:
             while self._outbox and self._client is client:
                 topic, payload, retain = self._outbox[0]
-                await client.publish(topic, payload, qos=1, retain=retain)
+                await _acked(client, client.publish(topic, payload, qos=1, retain=retain))
                 if self._outbox:
                     self._outbox.popleft()
         except aiomqtt.MqttError as exc:

@@ -92,8 +92,7 @@ def _make_handler(server: FirmwareServer) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             auth = self.headers.get("Authorization")
             rng = self.headers.get("Range")
-            status = self._serve(parts.path, auth, rng)
-            server.requests.append(Request(self.path, rng, status, auth))
+            self._serve(parts.path, auth, rng)
 
         def _serve(self, path: str, auth: str | None, rng: str | None) -> int:
             if auth != f"Bearer {server.token}":
@@ -122,6 +121,9 @@ def _make_handler(server: FirmwareServer) -> type[BaseHTTPRequestHandler]:
             return self._send(206, data[start : end + 1], headers)
 
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> int:
+            # Recorded before the response goes out: a client that got it may look at once.
+            auth, rng = self.headers.get("Authorization"), self.headers.get("Range")
+            server.requests.append(Request(self.path, rng, status, auth))
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
