@@ -102,8 +102,10 @@ class ProcessSampler:
 
     roots: Mapping[str, Callable[[], int | list[int] | None]]
     interval: float = 0.5
+    aside: frozenset[str] = frozenset({"simulator"})  # roles also left out of the "stack" total
     usage: dict[str, RoleUsage] = field(default_factory=dict)
     peak_total_rss_bytes: int = 0
+    peak_stack_rss_bytes: int = 0  # peak of the summed RSS of every role not in ``aside``
     samples: int = 0
     machine_busy_s: float = 0.0  # whole machine during the window, for spotting outside load
     wall_s: float = 0.0
@@ -157,7 +159,7 @@ class ProcessSampler:
 
     def _sample(self, baseline: bool = False) -> None:
         table = read_proc_table()
-        total_rss = 0
+        total_rss = stack_rss = 0
         with self._lock:
             for role, root_of in self.roots.items():
                 root = root_of()
@@ -179,7 +181,10 @@ class ProcessSampler:
                 usage.peak_rss_bytes = max(usage.peak_rss_bytes, rss)
                 usage.max_processes = max(usage.max_processes, len(pids))
                 total_rss += rss
+                if role not in self.aside:
+                    stack_rss += rss
             self.peak_total_rss_bytes = max(self.peak_total_rss_bytes, total_rss)
+            self.peak_stack_rss_bytes = max(self.peak_stack_rss_bytes, stack_rss)
             self.samples += 1
 
 

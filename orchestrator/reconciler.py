@@ -137,7 +137,9 @@ def _repair_running(rt: Runtime, stats: Counter[str]) -> None:
                         func.max(DeviceUpdate.finished_at),
                     ).where(DeviceUpdate.wave_id == wave.id)
                 ).one()
-                if open_count == 0 and (last_end is None or last_end < now - WAVE_CLOSE_GRACE):
+                # With tasks still queued the chord closes the wave itself, after every finalize.
+                lost_chord = open_count == 0 and (last_end is None or last_end < now - WAVE_CLOSE_GRACE)
+                if lost_chord and _broker_idle(rt):
                     stats["waves_closed"] += 1
                     close_wave(rt, wave.id)
             if rollout.status == RolloutState.RUNNING:

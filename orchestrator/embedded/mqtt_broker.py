@@ -414,6 +414,8 @@ class MosquittoBroker(MqttBroker):
             # Run as root, mosquitto would switch to user 'mosquitto', who cannot read our files.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "persistence false",
+            # The ingest's persistent session must not lose reports while it catches up.
+            "max_queued_messages 1000000",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "log_dest stderr",
             "log_type error",

@@ -35,7 +35,12 @@ def create_app() -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         beat_schedule={
-            "reconcile": {"task": "fleet.reconcile", "schedule": settings.reconcile_interval_s},
+            # A run not started within one interval is superseded by the next: no pile-up.
+            "reconcile": {
+                "task": "fleet.reconcile",
+                "schedule": settings.reconcile_interval_s,
+                "options": {"expires": settings.reconcile_interval_s},
+            },
         },
         include=["orchestrator.worker.tasks"],
     )
