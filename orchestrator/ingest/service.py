@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 import time
 from collections import Counter, deque
@@ -50,9 +49,8 @@ PUBLISH_TIMEOUT_S = 15.0
 class IngestService:
     def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
         self.settings = settings
-        self.client_id = (
-            client_id or settings.ingest_client_id or f"fleet-ingest-{socket.gethostname()}-{os.getpid()}"
-        )
+        # Stable across restarts, so a persistent session is resumed rather than left behind.
+        self.client_id = client_id or settings.ingest_client_id or f"fleet-ingest-{socket.gethostname()}"
         self.sessions = session_factory(settings.database_url)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         self.store = ContinuationStore(self.redis, celery_app)
@@ -72,8 +70,10 @@ class IngestService:
             identifier=self.client_id,
             username=self.settings.mqtt_username,
             password=self.settings.mqtt_password,
-            # A persistent session: reports published while ingest restarts wait at the broker.
-            clean_session=False,
+            # Alone, ingest keeps a persistent session: reports published while it restarts wait at
+            # the broker. In a shared group it must not: the broker keeps handing a dead member its
+            # share of the reports, which would then wait for a client that never returns.
+            clean_session=self.settings.mqtt_shared_subscriptions,
             protocol=aiomqtt.ProtocolVersion.V311,
             keepalive=30,
             max_inflight_messages=1000,
