@@ -48,7 +48,6 @@ class Settings(BaseSettings):
     mqtt_shared_subscriptions: bool = Field(
         default=True, description="ingest uses $share/ subscriptions (Mosquitto, EMQX; not amqtt)"
     )
-    ingest_batch_ms: int = 20
     portal_summary_interval_ms: int = 250
     reconcile_interval_s: float = 5.0
     celery_concurrency: int = 2

@@ -13,11 +13,11 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.embedded.ports import free_port, port_is_open
+from orchestrator.embedded.ports import free_port
 from orchestrator.embedded.process import ManagedProcess, ProcessStartError
 
 
@@ -181,9 +181,8 @@ def _worker_answers(broker_url: str, name: str) -> bool:
     return any(name in reply_name for reply in replies for reply_name in reply)
 
 
-def wait_until(predicate: object, timeout: float, interval: float = 0.2) -> bool:
-    """Poll a zero-argument callable until it returns truthy or ``timeout`` passes."""
-    assert callable(predicate)
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until it returns truthy or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -192,4 +191,4 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.2) -> bool
     return bool(predicate())
 
 
-__all__ = ["LocalStack", "StackSettings", "port_is_open", "wait_until"]
+__all__ = ["LocalStack", "StackSettings", "wait_until"]

@@ -59,6 +59,8 @@ UPDATE_END_STATES = frozenset({U.SUCCEEDED, U.FAILED, U.ROLLED_BACK, U.TIMED_OUT
 # Once a device has been offered an update nothing on the server side may cancel it.
 UPDATE_IN_FLIGHT = (U.OFFERED, U.DOWNLOADING, U.DOWNLOADED, U.VERIFIED, U.INSTALLING, U.REBOOTING)
 UPDATE_NOT_STARTED = frozenset({U.PENDING, U.QUEUED})
+# Verified and past it: the install stage has been (or may now be) sent.
+UPDATE_AWAITING_INSTALL = frozenset({U.VERIFIED, U.INSTALLING, U.REBOOTING})
 # Failure-like end states count against thresholds.
 UPDATE_FAILURE_STATES = frozenset({U.FAILED, U.ROLLED_BACK, U.TIMED_OUT})
 

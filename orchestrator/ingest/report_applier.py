@@ -21,6 +21,7 @@ from orchestrator.portal import device_message
 from orchestrator.protocol import ErrorCode, Report, ReportState
 from orchestrator.services.policy import RolloutPolicy
 from orchestrator.state_machines import (
+    UPDATE_AWAITING_INSTALL,
     UPDATE_END_STATES,
     UPDATE_TRANSITIONS,
     UpdateState,
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 # A new attempt can fix a transfer or a transient device problem. An install-stage failure cannot:
 # the device never installs the same update twice, so it would only answer with the same result.
 RETRYABLE_ERRORS = frozenset({ErrorCode.CHECKSUM, ErrorCode.DOWNLOAD_ERROR, ErrorCode.DEVICE_ERROR})
-_WAITING_INSTALL = frozenset({UpdateState.VERIFIED, UpdateState.INSTALLING, UpdateState.REBOOTING})
 
 
 @dataclass(slots=True)
@@ -222,7 +222,7 @@ class ReportApplier:
 
 def _claims_for(update_id: int, attempt: int, state: UpdateState) -> list[tuple[int, int, Stage]]:
     """Which parked continuations a newly reached state releases."""
-    if state in _WAITING_INSTALL:
+    if state in UPDATE_AWAITING_INSTALL:
         return [(update_id, attempt, "verified")]
     if state in UPDATE_END_STATES or state == UpdateState.RETRYING:
         return [(update_id, attempt, "verified"), (update_id, attempt, "done")]

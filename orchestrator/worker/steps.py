@@ -22,6 +22,7 @@ from orchestrator.protocol import Stage
 from orchestrator.services.desired_state import clear_desired_message, desired_message
 from orchestrator.services.rollout_engine import halt_if_threshold_reached, policy_of
 from orchestrator.state_machines import (
+    UPDATE_AWAITING_INSTALL,
     UPDATE_END_STATES,
     UPDATE_FAILURE_STATES,
     UPDATE_IN_FLIGHT,
@@ -33,7 +34,6 @@ from orchestrator.transitions import transition_update
 from orchestrator.worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
-_AWAITING_INSTALL = (UpdateState.VERIFIED, UpdateState.INSTALLING, UpdateState.REBOOTING)
 
 
 def _rest_of_chain(task: Task[Any, Any]) -> list[dict[str, Any]]:
@@ -146,7 +146,7 @@ def install(rt: Runtime, task: Task[Any, Any], update_id: int) -> None:
         if du.state == UpdateState.RETRYING:
             _reenter_at_offer(rt, task, du, policy.backoff(du.attempt))
             raise Ignore()
-        if du.state not in _AWAITING_INSTALL:
+        if du.state not in UPDATE_AWAITING_INSTALL:
             # Resumed early (e.g. a report skipped VERIFIED but is not past it): wait for VERIFIED again.
             rt.store.park(du.id, du.attempt, "verified", [*_rest_of_chain(task), _own_signature(task)])
             raise Ignore()

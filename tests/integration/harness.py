@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import redis
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import func, select
 
 from device_sim.fleet import FleetConfig, spawn_fleet
 from orchestrator.config import DEV_PUBLIC_KEY, REPO_ROOT, Settings
 from orchestrator.db import session_scope
-from orchestrator.local_stack import LocalStack
+from orchestrator.local_stack import LocalStack, StackSettings, wait_until
 from orchestrator.models import Device, DeviceUpdate, Event, Rollout
 from orchestrator.services import rollout_service
 from orchestrator.services.firmware_service import add_firmware
 from orchestrator.services.policy import RolloutPolicy, Target
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.state_machines import UPDATE_IN_FLIGHT
+from orchestrator.worker.celery_app import use_redis
 
 SAMPLES = REPO_ROOT / "firmware_samples"
 # Real downloads and reboots, but fast.
@@ -49,6 +52,44 @@ def scrub_retained(host: str, port: int, prefix: str = "fleet/v1/#", wait: float
     client.disconnect()
     client.loop_stop()
     return len(topics)
+
+
+@contextlib.contextmanager
+def running_harness(
+    data_dir: Path,
+    database_url: str,
+    redis_url: str,
+    mqtt_broker: Any,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Harness]:
+    """A full stack on the session's Redis and broker, started from empty queues, continuations and
+    retained topics (tests share those servers), stopped afterwards."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    client.close()
+    scrub_retained(mqtt_broker.host, mqtt_broker.port)
+    use_redis(redis_url)
+    settings = StackSettings(
+        data_dir=data_dir,
+        database_url=database_url,
+        redis_url=redis_url,
+        mqtt_url=mqtt_broker.url,
+        shared_subscriptions=bool(mqtt_broker.supports_mqtt5),
+        extra_env={
+            "FLEET_RECONCILE_INTERVAL_S": "1",
+            "FLEET_CELERY_VISIBILITY_TIMEOUT_S": "10",
+            "FLEET_PORTAL_SUMMARY_INTERVAL_MS": "100",
+            **(extra_env or {}),
+        },
+    )
+    stack = LocalStack(settings)
+    h = Harness(stack, mqtt_broker.host, mqtt_broker.port)
+    try:
+        stack.start_all()
+        yield h
+    finally:
+        h.stop()
+        stack.stop()
 
 
 class Harness:
@@ -191,12 +232,7 @@ class Harness:
     # ---------------------------------------------------------------- misc
     @staticmethod
     def wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(interval)
-        return predicate()
+        return wait_until(predicate, timeout, interval)
 
     def stop(self) -> None:
         for proc in self.fleets:

@@ -8,14 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from orchestrator.db import session_scope
-from orchestrator.local_stack import LocalStack, StackSettings
 from orchestrator.services.token_service import create_token
-from orchestrator.worker.celery_app import use_redis
 from tests.conftest import unavailable
-from tests.integration.harness import Harness, scrub_retained
+from tests.integration.harness import Harness, running_harness
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -71,29 +68,6 @@ def portal_harness(tmp_path: Path, database_url: str, redis_url: str, mqtt_broke
         pytest.skip("the portal test needs the embedded broker's WebSocket listener")
     if not database_url.startswith("sqlite"):
         pytest.skip("the browser test runs once, on [sqlite-embedded]")
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    client.close()
-    scrub_retained(mqtt_broker.host, mqtt_broker.port)
-    use_redis(redis_url)
-    settings = StackSettings(
-        data_dir=tmp_path / "stack",
-        database_url=database_url,
-        redis_url=redis_url,
-        mqtt_url=mqtt_broker.url,
-        shared_subscriptions=bool(mqtt_broker.supports_mqtt5),
-        extra_env={
-            "FLEET_RECONCILE_INTERVAL_S": "1",
-            "FLEET_CELERY_VISIBILITY_TIMEOUT_S": "10",
-            "FLEET_PORTAL_SUMMARY_INTERVAL_MS": "250",
-            "FLEET_PORTAL_MQTT_WS_URL": mqtt_broker.ws_url,
-        },
-    )
-    stack = LocalStack(settings)
-    h = Harness(stack, mqtt_broker.host, mqtt_broker.port)
-    try:
-        stack.start_all()
+    extra_env = {"FLEET_PORTAL_SUMMARY_INTERVAL_MS": "250", "FLEET_PORTAL_MQTT_WS_URL": mqtt_broker.ws_url}
+    with running_harness(tmp_path / "stack", database_url, redis_url, mqtt_broker, extra_env) as h:
         yield h
-    finally:
-        h.stop()
-        stack.stop()
