@@ -25,11 +25,12 @@ IN_FLIGHT = ("OFFERED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "
 
 
 def shown_counts(page: Any) -> dict[str, int]:
-    """The per-state counters as the page shows them."""
-    found: dict[str, int] = {}
-    for node in page.locator("#rollout-counts [data-count]").all():
-        found[node.get_attribute("data-count")] = int(node.inner_text())
-    return found
+    """The per-state counters as the page shows them, read in one go: the page re-renders on every
+    summary, so reading node by node could mix two renders."""
+    pairs = page.eval_on_selector_all(
+        "#rollout-counts [data-count]", "els => els.map(e => [e.dataset.count, e.textContent])"
+    )
+    return {state: int(text) for state, text in pairs}
 
 
 def shown_percent(page: Any) -> float:
