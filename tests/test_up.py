@@ -160,6 +160,107 @@ def test_up_restarts_a_killed_worker_and_stops_cleanly_on_sigterm(
     assert not list((data_dir / "run").glob("*.pid"))
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_cli_in_the_same_directory_finds_the_running_demo(
+    tmp_path: Path, up_env: tuple[str, dict[str, str]]
+) -> None:
+    # Given `fleet up --demo` running from a directory, with its data in the default var/up
+    mark, env = up_env
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    log = (tmp_path / "up.out").open("w")
+    argv = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "up",
+        "--simulate",
+        "10",
+        "--demo",
+        "--profile",
+        "instant",
+    ]
+    proc = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    cli = [sys.executable, "-m", "orchestrator.cli", "rollout"]
+    try:
+        stack_file = workdir / "var" / "up" / "stack.json"
+        deadline = time.monotonic() + 120
+        listed = ""
+        # When the CLI runs there with no FLEET_API_URL or token in its environment
+        while "COMPLETED" not in listed:
+            assert proc.poll() is None, (tmp_path / "up.out").read_text()[-4000:]
+            assert time.monotonic() < deadline, f"the demo's rollout never showed up: {listed}"
+            time.sleep(0.5)
+            if stack_file.exists():
+                result = subprocess.run(
+                    [*cli, "list"], env=env, cwd=workdir, capture_output=True, text=True, timeout=30
+                )
+                listed = result.stdout + result.stderr
+        # Then it lists the demo's rollout and shows its status
+        assert "sensor-v2" in listed and " 1 " in listed, listed
+        status = subprocess.run(
+            [*cli, "status", "1"], env=env, cwd=workdir, capture_output=True, text=True, timeout=30
+        )
+        assert status.returncode == 0 and "COMPLETED" in status.stdout, status.stdout + status.stderr
+        watch = subprocess.run(
+            [*cli, "watch", "1", "--timeout", "20"], env=env, cwd=workdir, capture_output=True, text=True
+        )
+        assert watch.returncode == 0 and "COMPLETED" in watch.stdout, watch.stdout + watch.stderr
+        # An explicit URL still wins (and gets no token: the stack's is for its own API only)
+        other = subprocess.run(
+            [*cli, "list", "--api-url", "http://127.0.0.1:9"],
+            env=env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+        )
+        assert other.returncode == 1 and "cannot connect to the API at http://127.0.0.1:9" in other.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert not _wait_gone(mark, workdir), "processes left behind"
+    # Once the stack has stopped, the CLI no longer uses its file
+    after = subprocess.run([*cli, "list"], env=env, cwd=workdir, capture_output=True, text=True, timeout=30)
+    assert after.returncode == 1 and "cannot connect to the API" in after.stderr
+
+
+def test_stack_file_is_used_only_when_private_and_alive(tmp_path: Path) -> None:
+    from orchestrator.cli.stack_discovery import load_running_stack, resolve_api
+    from orchestrator.config import Settings
+    from orchestrator.embedded.process import process_start_ticks
+
+    up_dir = tmp_path / "up"
+    up_dir.mkdir()
+    stack = up_dir / "stack.json"
+    info = {
+        "pid": os.getpid(),
+        "pid_start_ticks": process_start_ticks(os.getpid()),
+        "api_url": "http://127.0.0.1:8123",
+        "operator_token": "fleet_secret",
+    }
+    stack.write_text(json.dumps(info))
+    stack.chmod(0o644)
+    assert load_running_stack(up_dir) is None  # readable by others: not trusted
+    stack.chmod(0o600)
+    assert load_running_stack(up_dir) is not None
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    assert resolve_api(settings, None, None) == ("http://127.0.0.1:8123", "fleet_secret")
+    # An explicit URL elsewhere never receives the stack's token
+    assert resolve_api(settings, "http://10.0.0.1:8000", None) == ("http://10.0.0.1:8000", None)
+    explicit = Settings(_env_file=None, data_dir=tmp_path, api_url="http://127.0.0.1:9000")  # type: ignore[call-arg]
+    assert resolve_api(explicit, None, None) == ("http://127.0.0.1:9000", None)
+    # A stack whose `fleet up` is gone is ignored
+    stack.write_text(json.dumps({**info, "pid_start_ticks": (info["pid_start_ticks"] or 0) + 1}))
+    assert load_running_stack(up_dir) is None
+    assert resolve_api(settings, None, None)[0] == settings.api_url
+
+
 # ------------------------------------------------------------------ supervisor (no processes)
 class FakeChild:
     def __init__(self) -> None:

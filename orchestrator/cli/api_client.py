@@ -15,7 +15,10 @@ import httpx
 
 from orchestrator.config import Settings
 
-CONNECT_HINT = "is the API running? start it with `fleet api` or `fleet up`; set FLEET_API_URL (or --api-url)"
+CONNECT_HINT = (
+    "is the API running? start it with `fleet up` (or `make demo`) in this directory, or `fleet api`; "
+    "elsewhere, set FLEET_API_URL (or --api-url)"
+)
 TOKEN_HINT = "set FLEET_API_TOKEN or pass --token (create one with `fleet token create --role operator`)"
 OPERATOR_HINT = "this needs an operator token (create one with `fleet token create --role operator`)"
 
@@ -81,8 +84,12 @@ class ApiClient:
     def from_settings(
         cls, settings: Settings, *, api_url: str | None = None, token: str | None = None
     ) -> ApiClient:
-        """Explicit options win over FLEET_API_URL / FLEET_API_TOKEN."""
-        return cls(api_url or settings.api_url, token or settings.api_token)
+        """Explicit options win over FLEET_API_URL / FLEET_API_TOKEN, which win over a local ``fleet up``
+        (see :mod:`orchestrator.cli.stack_discovery`)."""
+        from orchestrator.cli.stack_discovery import resolve_api
+
+        url, chosen = resolve_api(settings, api_url, token)
+        return cls(url, chosen)
 
     def __enter__(self) -> ApiClient:
         return self

@@ -1,7 +1,8 @@
 """Operator CLI for firmware, rollouts and devices, through the HTTP API with a bearer token.
 
-The API is found at FLEET_API_URL (or ``--api-url``) and the token read from FLEET_API_TOKEN (or
-``--token``). ``fleet rollout watch`` follows the retained MQTT portal topics instead.
+The API is found at ``--api-url``, else FLEET_API_URL, else the ``fleet up`` running from this
+directory (``var/up/stack.json``); the token likewise (``--token``, FLEET_API_TOKEN, the stack's).
+``fleet rollout watch`` follows the retained MQTT portal topics instead.
 :func:`watch_rollout` (progress from SQL) serves ``fleet demo``.
 """
 
@@ -41,10 +42,18 @@ console = Console()
 err = Console(stderr=True)
 
 ApiUrl = Annotated[
-    str | None, typer.Option("--api-url", help="API base URL (default FLEET_API_URL)", show_default=False)
+    str | None,
+    typer.Option(
+        "--api-url",
+        help="API base URL (default FLEET_API_URL, else the `fleet up` running from this directory)",
+        show_default=False,
+    ),
 ]
 Token = Annotated[
-    str | None, typer.Option("--token", help="API token (default FLEET_API_TOKEN)", show_default=False)
+    str | None,
+    typer.Option(
+        "--token", help="API token (default FLEET_API_TOKEN, else that `fleet up`'s)", show_default=False
+    ),
 ]
 
 
@@ -294,18 +303,15 @@ def rollout_watch(
 
     Exits 0 when it COMPLETED (or on Ctrl-C / --timeout), 1 when it HALTED or was ABORTED.
     """
-    settings = get_settings()
-    if username is None:
-        if settings.portal_mqtt_username:
-            username, password = settings.portal_mqtt_username, password or settings.portal_mqtt_password
-        elif settings.mqtt_username:
-            username, password = settings.mqtt_username, password or settings.mqtt_password
+    from orchestrator.cli.stack_discovery import resolve_broker
+
+    url, user, secret = resolve_broker(get_settings(), broker, username, password)
     try:
         status = watch_rollout_portal(
-            broker or settings.mqtt_url,
+            url,
             rollout_id,
-            username=username,
-            password=password,
+            username=user,
+            password=secret,
             timeout=timeout,
             console=console,
         )

@@ -39,6 +39,8 @@ console = Console()
 SERVICE_USER = "service"
 PORTAL_USER = "portal"
 STACK_FILE = "stack.json"
+# The API's conventional port, used when free so that URLs in docs and habits work.
+PREFERRED_API_PORT = 8000
 # Files and directories of a data dir that a fresh demo removes (nothing else is touched).
 _RESETTABLE = ("fleet.db", "fleet.db-wal", "fleet.db-shm", "firmware", "logs", "celerybeat-schedule")
 
@@ -63,7 +65,9 @@ def up(
     exit_when_done: bool = typer.Option(
         False, "--exit-when-done", help="with --demo: stop everything once the rollout ended"
     ),
-    data_dir: Path = typer.Option(Path("var/up"), help="database, logs, PID files and stack.json"),
+    data_dir: Path = typer.Option(
+        None, help="database, logs, PID files and stack.json (default $FLEET_DATA_DIR/up, i.e. var/up)"
+    ),
     profile: str = typer.Option("realistic", help="simulator profile: instant, realistic, flaky"),
     waves: str = typer.Option("10%,50%,100%", help="with --demo: wave sizes"),
     broker: str = typer.Option("auto", help="MQTT broker: auto (Mosquitto if installed), mosquitto, amqtt"),
@@ -76,11 +80,14 @@ def up(
         raise typer.BadParameter("--demo needs simulated devices: add --simulate N")
     if exit_when_done and not demo:
         raise typer.BadParameter("--exit-when-done only makes sense with --demo")
+    from orchestrator.cli.stack_discovery import default_up_dir
+    from orchestrator.config import get_settings
+
     options = UpOptions(
         simulate=simulate,
         demo=demo,
         exit_when_done=exit_when_done,
-        data_dir=data_dir,
+        data_dir=data_dir or default_up_dir(get_settings()),
         profile=profile,
         waves=waves,
         broker=broker,  # type: ignore[arg-type]
@@ -135,6 +142,17 @@ def _operator_token(database_url: str) -> str:
             session, name="fleet up operator", role=token_service.Role.OPERATOR
         )
     return secret
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -230,6 +248,7 @@ def run_up(options: UpOptions) -> int:
                 "FLEET_PORTAL_MQTT_PASSWORD": portal.password,
             },
         )
+        settings.api_port = PREFERRED_API_PORT if _port_free(PREFERRED_API_PORT) else 0
         stack = LocalStack(settings)
         with console.status("starting API, ingest, worker and beat…"):
             stack.start_all(workers=options.workers)
@@ -338,7 +357,25 @@ def _print_banner(info: dict[str, Any]) -> None:
         f"[bold]portal MQTT login[/] {info['portal_mqtt_username']} / {info['portal_mqtt_password']}"
     )
     console.print(f"details in {info['data_dir']}/{STACK_FILE}; logs in {info['log_dir']}")
+    fleet = _fleet_command()
+    console.print(
+        f"from another terminal in this directory, the CLI finds this stack: "
+        f"[bold]{fleet} rollout list[/], [bold]{fleet} rollout watch 1[/]",
+        highlight=False,
+    )
     console.print("Ctrl-C stops everything")
+
+
+def _fleet_command() -> str:
+    """How the user can type the CLI: ``fleet`` if that is on PATH, else the path of this one."""
+    here = Path(sys.argv[0]).resolve()
+    on_path = shutil.which("fleet")
+    if here.name == "fleet" and (on_path is None or Path(on_path).resolve() != here):
+        try:
+            return str(here.relative_to(Path.cwd()))
+        except ValueError:
+            return str(here)
+    return "fleet"
 
 
 def _supervise(

@@ -25,7 +25,7 @@ from .mqtt_broker import (
     mqtt_connack,
     start_broker,
 )
-from .ports import free_port, free_ports, port_is_open, wait_for_port
+from .ports import PortUnavailable, free_port, free_ports, port_is_open, wait_for_port
 from .process import ManagedProcess, ProcessStartError, cleanup_stale
 from .redis_server import RedisServer, ServerNotFoundError, default_run_dir, find_redis_server
 
@@ -39,6 +39,7 @@ __all__ = [
     "MqttBroker",
     "MqttUser",
     "Permissions",
+    "PortUnavailable",
     "ProcessStartError",
     "RedisServer",
     "Role",

@@ -7,6 +7,21 @@ import socket
 import time
 
 LOOPBACK = "127.0.0.1"
+_PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+class PortUnavailable(OSError):
+    """No TCP port could be bound on the loopback interface."""
+
+
+def ephemeral_range() -> str:
+    """The kernel's ephemeral port range as "low-high" (Linux), else "unknown"."""
+    try:
+        with open(_PORT_RANGE) as f:
+            low, high = f.read().split()
+    except (OSError, ValueError):
+        return "unknown"
+    return f"{low}-{high}"
 
 
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
@@ -26,6 +41,13 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
             sockets.append(sock)
             sock.bind((host, 0))
         return [int(sock.getsockname()[1]) for sock in sockets]
+    except OSError as exc:
+        raise PortUnavailable(
+            exc.errno,
+            f"cannot bind a TCP port on {host} ({exc.strerror or exc}): fleet runs its servers on free "
+            f"loopback ports from the kernel's ephemeral range ({ephemeral_range()}); check that the "
+            "loopback interface is up and that no sandbox or policy blocks binding ports there",
+        ) from exc
     finally:
         for sock in sockets:
             sock.close()

@@ -288,7 +288,11 @@ class ManagedProcess:
                 return
             if time.monotonic() >= deadline:
                 self.stop()
-                raise ProcessStartError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+                raise ProcessStartError(
+                    f"{self.name} not ready after {timeout:.0f}s although it was running (if it listens "
+                    "on a loopback port, something may block connections to local ports):\n"
+                    f"{self.log_tail()}"
+                )
             time.sleep(interval)
 
     def send_signal(self, sig: int) -> None:

