@@ -79,7 +79,10 @@ from orchestrator.embedded import (  # noqa: E402
     cleanup_stale,
     find_mosquitto,
 )
+from orchestrator.engine import client as engine_client  # noqa: E402
+from orchestrator.engine.celery_config import make_celery  # noqa: E402
 from orchestrator.local_stack import LocalStack, StackSettings  # noqa: E402
+from orchestrator.policy import RolloutPolicy, Target  # noqa: E402
 from orchestrator.protocol import (  # noqa: E402
     REPORT_SUBSCRIPTION,
     Desired,
@@ -91,10 +94,7 @@ from orchestrator.protocol import (  # noqa: E402
 )
 from orchestrator.services import rollout_service  # noqa: E402
 from orchestrator.services.firmware_service import add_firmware  # noqa: E402
-from orchestrator.services.policy import RolloutPolicy, Target  # noqa: E402
 from orchestrator.services.rollout_planner import create_rollout  # noqa: E402
-from orchestrator.worker.celery_app import app as fleet_celery  # noqa: E402
-from orchestrator.worker.celery_app import use_redis  # noqa: E402
 
 # Wide enough for the results table when the output goes to a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -271,11 +271,23 @@ def _progress() -> Progress:
 
 
 # ====================================================================== orchestrated rollouts
+_celery_apps: dict[str, Any] = {}
+
+
+def _fleet_celery() -> Any:
+    """A task-less Celery app on the stack's broker, for `inspect` calls."""
+    settings = engine_client.current_settings()
+    url = settings.redis_url
+    if url not in _celery_apps:
+        _celery_apps[url] = make_celery(settings)
+    return _celery_apps[url]
+
+
 def _worker_totals() -> Counter[str]:
     """Tasks accepted per task name, summed over the stack's workers (``celery inspect stats``)."""
     totals: Counter[str] = Counter()
     with contextlib.suppress(Exception):
-        replies = fleet_celery.control.inspect(timeout=2.0).stats() or {}
+        replies = _fleet_celery().control.inspect(timeout=2.0).stats() or {}
         for reply in replies.values():
             totals.update({k: int(v) for k, v in (reply.get("total") or {}).items()})
     return totals
@@ -300,7 +312,7 @@ def _wait_drained(bench: Bench, deadline: float) -> float | None:
     try:
         with console.status("waiting for the Celery queue to drain ..."):
             while time.perf_counter() < deadline:
-                busy = int(client.llen("celery")) + int(client.hlen("unacked"))
+                busy = int(client.llen("fleet")) + int(client.hlen("unacked"))
                 quiet = quiet + 1 if busy == 0 else 0
                 if quiet >= 2:
                     return time.perf_counter()
@@ -320,7 +332,7 @@ def _ingest_stats(bench: Bench) -> dict[str, Any]:
     if not stats:
         return {}
     one = stats[0]  # one ingest process in this benchmark
-    keep = ("received", "applied", "batches", "resumed", "cas_retries", "latency_p50_ms", "latency_p99_ms")
+    keep = ("received", "applied", "batches", "steps_sent", "cas_retries", "latency_p50_ms", "latency_p99_ms")
     out = {k: one.get(k) for k in keep}
     out["ignored"] = {k: v for k, v in one.items() if k.startswith("ignored_")}
     if out.get("received") and out.get("batches"):
@@ -1244,7 +1256,7 @@ def main(argv: list[str] | None = None) -> int:
             extra.append(f"max_queued_messages {args.mosquitto_max_queued}")
         broker = MosquittoBroker(run_dir=run_dir, extra_config=extra)
         broker.start()
-        use_redis(redis_server.url)
+        engine_client.use_settings(Settings(redis_url=redis_server.url))
         console.print(f"[bold]redis[/] {redis_server.url}  [bold]mosquitto[/] {broker.url}  work dir {work}")
         bench = Bench(args, work, run_dir, redis_server, broker, broker_log, notes=[])
         scenarios = run_all(bench)

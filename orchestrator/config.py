@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("var"), description="working files of the embedded stack")
     database_url: str = Field(default="sqlite:///var/fleet.db")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    celery_broker_url: str | None = Field(
+        default=None, description="Celery transport if not Redis, e.g. amqp://user:pass@host:5672//"
+    )
     mqtt_url: str = Field(default="mqtt://127.0.0.1:1883", description="broker for devices + services")
     mqtt_username: str | None = None
     mqtt_password: str | None = None
@@ -46,15 +49,31 @@ class Settings(BaseSettings):
         default=None, description="fixed MQTT client id (persistent session)"
     )
     mqtt_shared_subscriptions: bool = Field(
-        default=True, description="ingest uses $share/ subscriptions (Mosquitto, EMQX; not amqtt)"
+        default=True,
+        description="ingest uses MQTT 5 and $share/ subscriptions (Mosquitto, EMQX; not amqtt)",
     )
+    ingest_share_group: str = Field(
+        default="fleet-ingest", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="one per deployment on a broker"
+    )
+    ingest_session_expiry_s: int = Field(
+        default=600, ge=0, description="how long the broker keeps an absent ingest's session and its share"
+    )
+    ingest_device_rate: float = Field(default=50.0, gt=0, description="messages/s a device may send")
+    ingest_device_burst: float = Field(default=200.0, ge=1, description="messages a device may send at once")
     portal_summary_interval_ms: int = 250
     reconcile_interval_s: float = 5.0
+    stall_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="the reconciler re-sends a step once its update has not moved this long",
+    )
     celery_concurrency: int = 2
     celery_visibility_timeout_s: int = Field(
         default=300, description="an unacknowledged task of a dead worker is redelivered after this"
     )
-    celery_events: bool = Field(default=True, description="task events for Flower / celery events")
+    celery_events: bool = Field(
+        default=False, description="task events for Flower / `celery events` (cost CPU per task)"
+    )
 
     @model_validator(mode="after")
     def _refuse_dev_secrets_in_production(self) -> Settings:

@@ -50,6 +50,13 @@ class IllegalTransition(FleetError):
         self.event = event
 
 
+class Conflict(FleetError):
+    """The request collides with work in progress (e.g. devices already updating in another rollout)."""
+
+    code = "conflict"
+    http_status = 409
+
+
 class ConcurrentUpdate(FleetError):
     """Another writer changed the row first (optimistic version check failed)."""
 

@@ -31,6 +31,9 @@ class StackSettings:
     mqtt_url: str
     shared_subscriptions: bool = True
     api_port: int = 0
+    # Ingest's shared-subscription group; a stack of its own on a shared broker needs its own group,
+    # or members of another (stopped) stack's group would keep taking a share of its reports.
+    share_group: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
@@ -47,6 +50,8 @@ class StackSettings:
             FLEET_DATA_DIR=str(self.data_dir),
             PYTHONUNBUFFERED="1",
         )
+        if self.share_group:
+            env["FLEET_INGEST_SHARE_GROUP"] = self.share_group
         env.update(self.extra_env)
         return env
 
@@ -62,6 +67,11 @@ class LocalStack:
         self.run_dir = settings.data_dir / "run"
         self.log_dir = settings.data_dir / "logs"
         self._counter = 0
+        # Ingest client ids stay the same when a process is restarted, so its persistent session
+        # (and the reports queued for it) is picked up again; unique per stack on a shared broker.
+        self.stack_id = os.urandom(3).hex()
+        if settings.share_group is None:
+            settings.share_group = f"fleet-ingest-{self.stack_id}"
 
     @property
     def api_url(self) -> str:
@@ -89,7 +99,7 @@ class LocalStack:
         self._counter += 1
         name = name or f"worker{self._counter}"
         argv = [sys.executable, "-m", "celery", "-A", "orchestrator.worker", "worker", "--loglevel", "INFO"]
-        argv += ["-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-E"]
+        argv += ["-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle"]
         process = self._spawn(name, argv, marker="celery")
         if wait:
             broker = self.settings.redis_url
@@ -103,17 +113,19 @@ class LocalStack:
         return self._spawn("beat", argv, marker="celery")
 
     def start_ingest(self, name: str = "ingest") -> ManagedProcess:
+        """An ingest process; started again under the same name it resumes the same MQTT session."""
         argv = [
             sys.executable,
             "-m",
             "orchestrator.cli",
             "ingest",
             "--client-id",
-            f"fleet-{name}-{os.getpid()}",
+            f"fleet-{name}-{self.stack_id}",
         ]
+        log_file = self.log_dir / f"{name}.log"
+        offset = log_file.stat().st_size if log_file.exists() else 0
         process = self._spawn(name, argv, marker="orchestrator.cli")
-        log_file = process.log_file
-        process.wait_ready(lambda: "subscribed to" in log_file.read_text(errors="replace"), timeout=30)
+        process.wait_ready(lambda: "subscribed to" in _read_from(log_file, offset), timeout=30)
         return process
 
     def start_api(self, attempts: int = 3) -> ManagedProcess:
@@ -157,6 +169,15 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as stream:
+            stream.seek(offset)
+            return stream.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _http_ok(url: str) -> bool:

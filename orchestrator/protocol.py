@@ -10,11 +10,11 @@ import base64
 import binascii
 import json
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 PROTOCOL_VERSION = "v1"
 TOPIC_ROOT = f"fleet/{PROTOCOL_VERSION}"
@@ -22,6 +22,26 @@ ONLINE = "online"
 OFFLINE = "offline"
 # Device ids appear in topic paths, client ids and broker password files: no wildcards, no separators.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Names of the orchestrator's own broker users and client-id prefixes: never a device.
+RESERVED_DEVICE_IDS = frozenset({"service", "portal", "admin", "root", "fleet"})
+RESERVED_DEVICE_PREFIXES = ("fleet-", "portal-", "svc-", "sys-")
+
+
+def is_reserved_device_id(device_id: str) -> bool:
+    """True for ids a device may not have: they name (or prefix) the orchestrator's own clients."""
+    lowered = device_id.lower()
+    return lowered in RESERVED_DEVICE_IDS or lowered.startswith(RESERVED_DEVICE_PREFIXES)
+
+
+# Every number a device sends must fit a signed 64-bit column (BIGINT on PostgreSQL, INTEGER in SQLite).
+MAX_ID = 2**63 - 1
+MAX_ATTEMPT = 100
+# Largest device message ingest parses; anything bigger is rejected unread.
+MAX_DEVICE_PAYLOAD = 8 * 1024
+
+Id = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
+# Versions, models and labels are stored in 64-character columns; printable, no control characters.
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\x20-\x7e]+$")]
 
 
 # ---------------------------------------------------------------- topics
@@ -90,6 +110,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     ALREADY_ON_TARGET = "already_on_target"
     CANCELED = "canceled"
+    VERSION_MISMATCH = "version_mismatch"
 
 
 class Stage(StrEnum):
@@ -127,27 +148,32 @@ class Desired(_Message):
 
 
 class Report(_Message):
-    """Published on ``report``. ``seq`` rises monotonically per device across reboots."""
+    """Published on ``report``. ``seq`` rises monotonically per device across reboots.
 
-    update_id: int = Field(ge=1)
-    attempt: int = Field(ge=1)
+    Every field is bounded to what the database stores: a report outside them is rejected whole.
+    """
+
+    update_id: Id
+    attempt: Annotated[StrictInt, Field(ge=1, le=MAX_ATTEMPT)]
     state: ReportState
-    seq: int = Field(ge=0)
-    progress: int = Field(default=0, ge=0, le=100)
-    running_version: str
+    seq: Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
+    progress: Annotated[StrictInt, Field(ge=0, le=100)] = 0
+    running_version: ShortText
     error: ErrorCode | None = None
     detail: str | None = Field(default=None, max_length=500)
-    ts: float | None = None
+    ts: float | None = Field(default=None, allow_inf_nan=False, ge=0, le=1e11)
 
 
 class DeviceInfo(_Message):
     """Retained on ``info``."""
 
-    model: str = Field(min_length=1, max_length=64)
-    running_version: str = Field(min_length=1, max_length=64)
+    model: ShortText
+    running_version: ShortText
     slot: Literal["a", "b"] = "a"
-    agent_version: str = "unknown"
-    labels: dict[str, str] = Field(default_factory=dict)
+    agent_version: ShortText = "unknown"
+    labels: dict[ShortText, Annotated[str, StringConstraints(max_length=256)]] = Field(
+        default_factory=dict, max_length=32
+    )
 
 
 class PortalDevice(_Message):

@@ -7,12 +7,11 @@ compare-and-set UPDATEs that only touch rows still in the expected state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from orchestrator.models import DeviceUpdate, Event, Rollout, Wave, utcnow
@@ -70,12 +69,11 @@ def transition_update(
         du.error_code = None
     du.state = new
     du.updated_at = now
+    du.redrive_at = None
     if new == UpdateState.OFFERED:
         du.offered_at = now
-    if new in UPDATE_END_STATES or new == UpdateState.RETRYING:
-        du.deadline_at = None
-    else:
-        du.deadline_at = deadline_at
+    # A RETRYING row's deadline is when its next attempt is due.
+    du.deadline_at = None if new in UPDATE_END_STATES else deadline_at
     if new in UPDATE_END_STATES:
         du.finished_at = now
     if new == UpdateState.SUCCEEDED:
@@ -87,120 +85,133 @@ def transition_update(
 
 
 @dataclass(frozen=True, slots=True)
-class ReportChange:
-    """A device report's effect on one row, computed from a snapshot (id, version, state)."""
+class RowChange:
+    """A computed change of one DeviceUpdate row: from ``old`` through ``events`` to ``new``.
+
+    ``events`` are the state-machine events applied in order (several when a batch held several
+    reports of one device); the path is re-validated against the table before writing.
+    """
 
     du_id: int
     expected_version: int
-    event: UpdateEvent
     old: UpdateState
+    events: tuple[UpdateEvent, ...]
     new: UpdateState
-    progress: int
-    error_code: str | None
-    seq: int
-    deadline_at: datetime | None
+    values: dict[str, Any]
 
 
-def apply_report_change(session: Session, change: ReportChange, event_row: dict[str, Any]) -> bool:
-    """Compare-and-set one report-driven transition; False when another writer got there first."""
-    next_update_state(change.old, change.event, entity_id=change.du_id)  # re-validate against the table
+def apply_row_change(session: Session, change: RowChange) -> bool:
+    """Compare-and-set one row on its version; False when another writer got there first.
+
+    The caller inserts the matching Event rows once the change applied.
+    """
+    state = change.old
+    for event in change.events:
+        state = next_update_state(state, event, entity_id=change.du_id)
+    if state != change.new:
+        raise ValueError(f"update {change.du_id}: events lead to {state}, not {change.new}")
     now = utcnow()
     values: dict[str, Any] = {
         "state": change.new,
-        "version": DeviceUpdate.version + 1,
-        "progress": 100 if change.new == UpdateState.SUCCEEDED else change.progress,
-        "last_seq": change.seq,
+        "version": change.expected_version + 1,
         "updated_at": now,
+        "redrive_at": None,
+        **change.values,
     }
-    if change.new in UPDATE_END_STATES or change.new == UpdateState.RETRYING:
-        values["deadline_at"] = None
-    elif change.deadline_at is not None:
-        values["deadline_at"] = change.deadline_at
     if change.new in UPDATE_END_STATES:
-        values["finished_at"] = now
-    if change.error_code is not None:
-        values["error_code"] = change.error_code
+        values.setdefault("finished_at", now)
+        values.setdefault("deadline_at", None)
     result = session.execute(
         update(DeviceUpdate)
         .where(DeviceUpdate.id == change.du_id, DeviceUpdate.version == change.expected_version)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
-    session.execute(insert(Event), [event_row])
-    return True
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def bulk_transition_updates(
+@dataclass(frozen=True, slots=True)
+class MovedRow:
+    """A row moved by :func:`bulk_transition_where`, as it is after the change."""
+
+    id: int
+    rollout_id: int
+    wave_id: int | None
+    device_id: str
+    attempt: int
+
+
+def bulk_transition_where(
     session: Session,
-    rows: Sequence[DeviceUpdate] | Iterable[tuple[int, int, UpdateState]],
     event: UpdateEvent,
-    *,
+    from_state: UpdateState,
+    *criteria: Any,
+    values: dict[str, Any] | None = None,
     error_code: str | None = None,
-) -> list[int]:
-    """Apply ``event`` to many rows at once, each only if unchanged since read; returns the ids changed.
+    detail: dict[str, Any] | None = None,
+) -> list[MovedRow]:
+    """Apply ``event`` to every row in ``from_state`` matching ``criteria``, in one UPDATE.
 
-    ``rows`` are DeviceUpdates or (id, version, state) tuples. Rows whose state does not allow the
-    event are left alone (a concurrent writer moved them on).
+    The state in the WHERE clause is the compare-and-set: a row another writer moved meanwhile is
+    left alone. Returns the rows changed (after the change) and records one Event per row. The
+    caller commits.
     """
-    snapshot = [(r.id, r.version, r.state) if isinstance(r, DeviceUpdate) else r for r in rows]
-    if not snapshot:
-        return []
-    meta = {
-        du_id: (rollout_id, wave_id, device_id, attempt)
-        for du_id, rollout_id, wave_id, device_id, attempt in session.execute(
-            select(
-                DeviceUpdate.id,
-                DeviceUpdate.rollout_id,
-                DeviceUpdate.wave_id,
-                DeviceUpdate.device_id,
-                DeviceUpdate.attempt,
-            ).where(DeviceUpdate.id.in_([s[0] for s in snapshot]))
-        )
-    }
+    new = next_update_state(from_state, event)
     now = utcnow()
-    changed: list[int] = []
-    events: list[dict[str, Any]] = []
-    for du_id, version, state in snapshot:
-        try:
-            new = next_update_state(UpdateState(state), event, entity_id=du_id)
-        except Exception:
-            continue
-        values: dict[str, Any] = {"state": new, "version": version + 1, "updated_at": now}
-        if new in UPDATE_END_STATES:
-            values["finished_at"] = now
-            values["deadline_at"] = None
-        if error_code is not None:
-            values["error_code"] = error_code
-        result = session.execute(
-            update(DeviceUpdate)
-            .where(DeviceUpdate.id == du_id, DeviceUpdate.version == version)
-            .values(**values)
-            .execution_options(synchronize_session=False)
+    changes: dict[str, Any] = {
+        "state": new,
+        "version": DeviceUpdate.version + 1,
+        "updated_at": now,
+        "redrive_at": None,
+        **(values or {}),
+    }
+    if event == UpdateEvent.REQUEUE:
+        changes.update(attempt=DeviceUpdate.attempt + 1, progress=0, error_code=None)
+    if new in UPDATE_END_STATES:
+        changes.setdefault("finished_at", now)
+        changes.setdefault("deadline_at", None)
+    if new == UpdateState.SUCCEEDED:
+        changes["progress"] = 100
+    if error_code is not None:
+        changes["error_code"] = error_code
+    result = session.execute(
+        update(DeviceUpdate)
+        .where(DeviceUpdate.state == from_state, *criteria)
+        .values(**changes)
+        .returning(
+            DeviceUpdate.id,
+            DeviceUpdate.rollout_id,
+            DeviceUpdate.wave_id,
+            DeviceUpdate.device_id,
+            DeviceUpdate.attempt,
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            continue
-        changed.append(du_id)
-        rollout_id, wave_id, device_id, attempt = meta[du_id]
-        events.append(
-            {
-                "kind": "transition",
-                "name": str(event),
-                "rollout_id": rollout_id,
-                "wave_id": wave_id,
-                "device_update_id": du_id,
-                "device_id": device_id,
-                "from_state": str(state),
-                "to_state": str(new),
-                "attempt": attempt,
-                "detail": {"error": error_code} if error_code else None,
-                "created_at": now,
-            }
+        .execution_options(synchronize_session=False)
+    )
+    moved = [MovedRow(*row) for row in result]
+    if moved:
+        event_detail = dict(detail or {})
+        if error_code:
+            event_detail["error"] = error_code
+        session.execute(
+            insert(Event),
+            [
+                {
+                    "kind": "transition",
+                    "name": str(event),
+                    "rollout_id": row.rollout_id,
+                    "wave_id": row.wave_id,
+                    "device_update_id": row.id,
+                    "device_id": row.device_id,
+                    "from_state": str(from_state),
+                    "to_state": str(new),
+                    "attempt": row.attempt,
+                    "detail": event_detail or None,
+                    "created_at": now,
+                }
+                for row in moved
+            ],
         )
-    if events:
-        session.execute(insert(Event), events)
-    return changed
+    return moved
 
 
 def initial_update_state(event: UpdateEvent | None) -> UpdateState:

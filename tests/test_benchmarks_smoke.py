@@ -59,7 +59,7 @@ def test_quick_zero_delay_run_writes_results(tmp_path: Path) -> None:
         assert key in run, key
     roles = {"worker1", "ingest", "api", "beat", "redis", "mosquitto", "simulator"}
     assert roles <= run["cpu_by_role"].keys()
-    # offer, install and finalize for every device, plus a few wave and reconcile tasks
-    assert run["celery_tasks"]["by_name"]["fleet.offer"] >= 200
+    # the steps ran (batched: far fewer tasks than devices)
+    assert {"fleet.install", "fleet.finalize"} <= run["celery_tasks"]["by_name"].keys()
     assert run["portal_latency"]["matched"] > 0
     assert set(entry["median"]) >= {"wall_s", "devices_per_s", "cpu_ms_per_device"}

@@ -47,6 +47,7 @@ def launch_rollout(session: Session, body: RolloutCreate, who: str) -> Rollout:
         policy=body.policy,
         start_at=body.start_at,
         actor=who,
+        supersede=body.supersede,
     )
     session.commit()
     if body.start_at is None or body.start_at <= utcnow():
@@ -59,7 +60,8 @@ def create_rollout(body: RolloutCreate, session: DbSession, token: Operator) -> 
     """Plan a rollout and start it at once (status RUNNING), or at ``start_at`` (status SCHEDULED).
 
     Devices of another model or already on the target version are SKIPPED. 404 for an unknown
-    firmware, 422 when the target selects no device or names unknown ones.
+    firmware, 422 when the target selects no device or names unknown ones, 409 ``conflict`` naming
+    the devices when some have an unfinished update in another rollout (see ``supersede``).
     """
     return RolloutOut.model_validate(launch_rollout(session, body, actor(token)))
 

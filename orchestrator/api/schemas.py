@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.protocol import DEVICE_ID_PATTERN
 from orchestrator.services.device_service import LABEL_KEY_PATTERN, MAX_LABEL_VALUE, MAX_LABELS, NAME_PATTERN
-from orchestrator.services.policy import RolloutPolicy, Target
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN), Field(examples=["sensor-000042"])]
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -138,6 +138,11 @@ class RolloutCreate(BaseModel):
     policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
     start_at: AwareDatetime | None = Field(
         None, description="start later (the reconciler starts it); omitted or past: start now"
+    )
+    supersede: bool = Field(
+        False,
+        description="devices with an unfinished update in another rollout: cancel it there where it has "
+        "not started (started ones finish first); without this such devices answer 409",
     )
 
     @field_validator("target")

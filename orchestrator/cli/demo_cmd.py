@@ -23,9 +23,9 @@ from orchestrator.config import REPO_ROOT, Settings
 from orchestrator.db import session_scope
 from orchestrator.local_stack import wait_until
 from orchestrator.models import Device, DeviceUpdate
+from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.services import rollout_service
 from orchestrator.services.firmware_service import add_firmware
-from orchestrator.services.policy import RolloutPolicy, Target
 from orchestrator.services.rollout_planner import create_rollout
 
 console = Console()

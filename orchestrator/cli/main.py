@@ -65,7 +65,10 @@ def worker(
     """Run a Celery worker (same as `celery -A orchestrator.worker worker`)."""
     from orchestrator.worker import app as celery_app
 
-    celery_app.worker_main(["worker", "-c", str(concurrency), "-l", loglevel, "-n", name, "-E"])
+    argv = ["worker", "-c", str(concurrency), "-l", loglevel, "-n", name]
+    if get_settings().celery_events:
+        argv.append("-E")  # task events for Flower / `celery events`
+    celery_app.worker_main(argv)
 
 
 @app.command()

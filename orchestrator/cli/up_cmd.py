@@ -200,8 +200,9 @@ class _Stop(Exception):
 def run_up(options: UpOptions) -> int:
     """Start everything, supervise until done or signalled, stop everything; the exit status."""
     from device_sim.fleet import READY_PREFIX, FleetConfig
+    from orchestrator.config import Settings
     from orchestrator.db import upgrade_database
-    from orchestrator.worker.celery_app import use_redis
+    from orchestrator.engine import client as engine_client
 
     stop = threading.Event()
     starting = True
@@ -232,7 +233,7 @@ def run_up(options: UpOptions) -> int:
         supervisor.add("redis", _ServerChild(redis_server), restart=False, stop=redis_server.stop)
         supervisor.add("broker", _ServerChild(broker), restart=False, stop=broker.stop)
         upgrade_database(database_url)
-        use_redis(redis_server.url)
+        engine_client.use_settings(Settings(redis_url=redis_server.url, database_url=database_url))
         token = _operator_token(database_url)
         settings = StackSettings(
             data_dir=data_dir,

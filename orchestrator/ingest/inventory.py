@@ -6,7 +6,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.models import Device, Event, utcnow
-from orchestrator.protocol import DeviceInfo
+from orchestrator.protocol import DeviceInfo, is_reserved_device_id
 
 
 def apply_inventory(
@@ -14,6 +14,9 @@ def apply_inventory(
 ) -> tuple[int, int]:
     """Register unknown devices and refresh known ones; returns (registered, updated). Commits."""
     now = utcnow()
+    # A reserved name (a service or portal login) is never registered as a device.
+    infos = {d: i for d, i in infos.items() if not is_reserved_device_id(d)}
+    presence = {d: p for d, p in presence.items() if not is_reserved_device_id(d)}
     ids = list(infos.keys() | presence.keys())
     if not ids:
         return 0, 0

@@ -2,39 +2,49 @@
 
 Reports may be duplicated, late or out of order: only forward transitions for the update's current
 attempt are applied; everything else is counted, kept as an Event with ``accepted = false`` and
-still refreshes the device's inventory (running version, last seen).
+still refreshes the device's inventory (running version, last seen). Several reports of one update
+in a batch are folded into one compare-and-set of its row (one Event per report all the same).
+
+Besides the state, a report sets the stage deadline: reaching VERIFIED starts the install deadline,
+a failure with attempts left makes the row RETRYING until its backoff has passed. SUCCEEDED counts
+only with the target version running; otherwise the update FAILS with ``version_mismatch``.
+
+The outcome says which steps the batch made due (install for new VERIFIED rows, finalize for new
+end states, admission for rollouts with new RETRYING rows); ingest sends them after the commit.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.models import Device, DeviceUpdate, Event, Rollout, utcnow
+from orchestrator.models import Device, DeviceUpdate, Event, Firmware, Rollout, utcnow
+from orchestrator.policy import RolloutPolicy
 from orchestrator.portal import device_message
 from orchestrator.protocol import ErrorCode, Report, ReportState
-from orchestrator.services.policy import RolloutPolicy
 from orchestrator.state_machines import (
     UPDATE_AWAITING_INSTALL,
     UPDATE_END_STATES,
     UPDATE_TRANSITIONS,
+    UpdateEvent,
     UpdateState,
     report_event,
 )
-from orchestrator.transitions import ReportChange, apply_report_change
-from orchestrator.worker.continuations import Stage
+from orchestrator.transitions import RowChange, apply_row_change
 
 log = logging.getLogger(__name__)
 
 # A new attempt can fix a transfer or a transient device problem. An install-stage failure cannot:
 # the device never installs the same update twice, so it would only answer with the same result.
 RETRYABLE_ERRORS = frozenset({ErrorCode.CHECKSUM, ErrorCode.DOWNLOAD_ERROR, ErrorCode.DEVICE_ERROR})
+CAS_ROUNDS = 3
 
 
 @dataclass(slots=True)
@@ -50,24 +60,60 @@ class _Snapshot:
     progress: int
 
 
+@dataclass(frozen=True, slots=True)
+class _RolloutInfo:
+    max_attempts: int
+    backoff: Callable[[int], float]
+    install_timeout_s: float
+    target_version: str
+
+
 @dataclass
 class BatchOutcome:
     """What the async side must do after the transaction committed."""
 
     portal: list[tuple[str, bytes]] = field(default_factory=list)
-    claims: list[tuple[int, int, Stage]] = field(default_factory=list)
+    install_ids: list[int] = field(default_factory=list)
+    finalize_ids: list[int] = field(default_factory=list)
+    retry_rollouts: set[int] = field(default_factory=set)
     dirty_rollouts: set[int] = field(default_factory=set)
     counters: Counter[str] = field(default_factory=Counter)
     # report ts (device clock) per applied report, for latency measurement
     applied_ts: list[float] = field(default_factory=list)
 
+    def merge(self, other: BatchOutcome) -> None:
+        self.portal += other.portal
+        self.install_ids += other.install_ids
+        self.finalize_ids += other.finalize_ids
+        self.retry_rollouts |= other.retry_rollouts
+        self.dirty_rollouts |= other.dirty_rollouts
+        self.counters.update(other.counters)
+        self.applied_ts += other.applied_ts
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One row's reports folded: the events to apply, the final values, the Event rows."""
+
+    snap: _Snapshot
+    events: list[UpdateEvent] = field(default_factory=list)
+    state: UpdateState = UpdateState.PENDING
+    progress: int = 0
+    last_seq: int | None = None
+    error_code: str | None = None
+    deadline_at: datetime | None = None
+    event_rows: list[dict[str, Any]] = field(default_factory=list)
+    applied: list[Report] = field(default_factory=list)
+    last_report: Report | None = None
+
 
 class ReportApplier:
-    """Stateless apart from a cache of per-rollout max attempts (policies never change)."""
+    """Stateless apart from a cache of per-rollout policy facts (they never change)."""
 
     def __init__(self) -> None:
-        self._max_attempts: dict[int, int] = {}
+        self._rollouts: dict[int, _RolloutInfo] = {}
 
+    # ------------------------------------------------------------------ loading
     def _load(self, session: Session, ids: list[int]) -> dict[int, _Snapshot]:
         rows = session.execute(
             select(
@@ -83,171 +129,207 @@ class ReportApplier:
             ).where(DeviceUpdate.id.in_(ids))
         )
         snaps = {r[0]: _Snapshot(r[0], r[1], UpdateState(r[2]), *r[3:]) for r in rows}
-        unknown_rollouts = {s.rollout_id for s in snaps.values()} - self._max_attempts.keys()
-        if unknown_rollouts:
-            for rollout_id, policy in session.execute(
-                select(Rollout.id, Rollout.policy).where(Rollout.id.in_(unknown_rollouts))
+        unknown = {s.rollout_id for s in snaps.values()} - self._rollouts.keys()
+        if unknown:
+            for rollout_id, policy, version in session.execute(
+                select(Rollout.id, Rollout.policy, Firmware.version)
+                .join(Firmware, Firmware.id == Rollout.firmware_id)
+                .where(Rollout.id.in_(unknown))
             ):
-                self._max_attempts[rollout_id] = RolloutPolicy.model_validate(policy).max_attempts
+                parsed = RolloutPolicy.model_validate(policy)
+                self._rollouts[rollout_id] = _RolloutInfo(
+                    parsed.max_attempts, parsed.backoff, parsed.install_timeout_s, version
+                )
         return snaps
 
+    # ------------------------------------------------------------------ applying
     def apply(self, session: Session, reports: list[tuple[str, Report]]) -> BatchOutcome:
-        """Apply ``(device_id, report)`` pairs; commits. Reports are processed in seq order per device."""
+        """Apply ``(device_id, report)`` pairs and commit. Reports are taken in seq order per device."""
         out = BatchOutcome()
-        ordered = sorted(reports, key=lambda dr: (dr[0], dr[1].seq))
-        pending = ordered
-        events: list[dict[str, Any]] = []
-        inventory: dict[str, tuple[str, datetime]] = {}
         now = utcnow()
-        for round_no in range(3):  # a concurrent writer loses us a CAS at most a few times
-            snaps = self._load(session, sorted({r.update_id for _, r in pending}))
-            retry: list[tuple[str, Report]] = []
-            for device_id, report in pending:
-                if round_no == 0:
-                    inventory[device_id] = (report.running_version, now)
-                verdict = self._apply_one(session, snaps, device_id, report, events, out)
-                if verdict == "conflict":
-                    retry.append((device_id, report))
-            if not retry:
+        by_update: dict[int, list[tuple[str, Report]]] = defaultdict(list)
+        inventory: dict[str, str] = {}
+        for device_id, report in sorted(reports, key=lambda dr: (dr[0], dr[1].seq)):
+            by_update[report.update_id].append((device_id, report))
+            inventory[device_id] = report.running_version
+        events: list[dict[str, Any]] = []
+        pending = dict(by_update)
+        for _round in range(CAS_ROUNDS):
+            snaps = self._load(session, sorted(pending))
+            conflicts: dict[int, list[tuple[str, Report]]] = {}
+            for update_id, items in pending.items():
+                snap = snaps.get(update_id)
+                if snap is None:
+                    out.counters["unknown_update"] += len(items)
+                    log.info("report for unknown update %s dropped", update_id)
+                    continue
+                plan = self._plan(snap, items, now, out)
+                if not plan.events and plan.progress == snap.progress and plan.last_seq == snap.last_seq:
+                    events.extend(plan.event_rows)  # nothing to write but the ignored reports
+                    continue
+                if not self._write(session, plan, now):
+                    conflicts[update_id] = items
+                    continue
+                events.extend(plan.event_rows)
+                self._record(plan, out)
+            if not conflicts:
                 break
-            pending = retry
-            out.counters["cas_retries"] += len(retry)
+            out.counters["cas_retries"] += len(conflicts)
+            pending = conflicts
         else:
-            out.counters["dropped_after_conflicts"] += len(pending)
+            out.counters["dropped_after_conflicts"] += sum(len(v) for v in pending.values())
         if events:
             session.execute(insert(Event), events)
         if inventory:
-            known = set(session.scalars(select(Device.id).where(Device.id.in_(list(inventory)))))
-            params = [
-                {"b_id": d, "b_version": v, "b_seen": t} for d, (v, t) in inventory.items() if d in known
-            ]
-            if params:
-                session.connection().execute(
-                    update(Device.__table__)  # type: ignore[arg-type]
-                    .where(Device.__table__.c.id == bindparam("b_id"))
-                    .values(
-                        firmware_version=bindparam("b_version"), last_seen=bindparam("b_seen"), online=True
-                    ),
-                    params,
-                )
+            _refresh_inventory(session, inventory, now)
         session.commit()
         return out
 
-    def _apply_one(
-        self,
-        session: Session,
-        snaps: dict[int, _Snapshot],
-        device_id: str,
-        report: Report,
-        events: list[dict[str, Any]],
-        out: BatchOutcome,
-    ) -> str:
-        snap = snaps.get(report.update_id)
-        if snap is None:
-            out.counters["unknown_update"] += 1
-            log.info("report from %s for unknown update %s dropped", device_id, report.update_id)
-            return "ignored"
-        if snap.device_id != device_id:
-            out.counters["device_mismatch"] += 1
-            log.warning(
-                "device %s reported on update %s of device %s: dropped", device_id, snap.id, snap.device_id
+    def _plan(
+        self, snap: _Snapshot, items: list[tuple[str, Report]], now: datetime, out: BatchOutcome
+    ) -> _Plan:
+        info = self._rollouts[snap.rollout_id]
+        plan = _Plan(snap=snap, state=snap.state, progress=snap.progress, last_seq=snap.last_seq)
+        for device_id, report in items:
+            reason = self._check(plan, device_id, report)
+            if reason is not None:
+                out.counters[f"ignored_{reason}"] += 1
+                plan.event_rows.append(_report_event(plan, device_id, report, accepted=False, reason=reason))
+                continue
+            state, error, detail = report.state, (str(report.error) if report.error else None), None
+            if state == ReportState.SUCCEEDED and report.running_version != info.target_version:
+                state, error = ReportState.FAILED, str(ErrorCode.VERSION_MISMATCH)
+                detail = f"reported success while running {report.running_version}, not {info.target_version}"
+                out.counters["version_mismatch"] += 1
+            retryable = error is None or error in RETRYABLE_ERRORS
+            attempts_left = retryable and snap.attempt < info.max_attempts
+            event = report_event(state, attempts_left)
+            new = UPDATE_TRANSITIONS.get((plan.state, event))
+            progress_only = (
+                new is None
+                and plan.state == UpdateState.DOWNLOADING
+                and state == ReportState.DOWNLOADING
+                and report.progress > plan.progress
             )
-            return "ignored"
-        reason: str | None = None
-        if report.attempt != snap.attempt:
-            reason = "other_attempt"
-        elif snap.last_seq is not None and report.seq <= snap.last_seq:
-            reason = "duplicate_or_late"
-        retryable = report.error is None or report.error in RETRYABLE_ERRORS
-        attempts_left = retryable and snap.attempt < self._max_attempts.get(snap.rollout_id, 1)
-        event = report_event(report.state, attempts_left)
-        new = UPDATE_TRANSITIONS.get((snap.state, event)) if reason is None else None
-        progress_only = (
-            reason is None
-            and new is None
-            and snap.state == UpdateState.DOWNLOADING
-            and report.state == ReportState.DOWNLOADING
-            and report.progress > snap.progress
+            if new is None and not progress_only:
+                reason = "after_end" if plan.state in UPDATE_END_STATES else "not_forward"
+                out.counters[f"ignored_{reason}"] += 1
+                plan.event_rows.append(_report_event(plan, device_id, report, accepted=False, reason=reason))
+                continue
+            before = plan.state
+            if new is not None:
+                plan.events.append(event)
+                plan.state = new
+                if error is not None:
+                    plan.error_code = error
+                if new in UPDATE_AWAITING_INSTALL and before not in UPDATE_AWAITING_INSTALL:
+                    plan.deadline_at = now + timedelta(seconds=info.install_timeout_s)
+                elif new == UpdateState.RETRYING:
+                    plan.deadline_at = now + timedelta(seconds=info.backoff(snap.attempt))
+            plan.progress = 100 if plan.state == UpdateState.SUCCEEDED else report.progress
+            plan.last_seq = report.seq
+            plan.applied.append(report)
+            plan.last_report = report
+            row = _report_event(plan, device_id, report, accepted=True, reason=None, before=before)
+            if detail is not None:
+                row["detail"]["mismatch"] = detail
+                row["detail"]["error"] = error
+            plan.event_rows.append(row)
+        return plan
+
+    @staticmethod
+    def _check(plan: _Plan, device_id: str, report: Report) -> str | None:
+        if plan.snap.device_id != device_id:
+            log.warning(
+                "device %s reported on update %s of device %s: dropped",
+                device_id,
+                plan.snap.id,
+                plan.snap.device_id,
+            )
+            return "device_mismatch"
+        if report.attempt != plan.snap.attempt:
+            return "other_attempt"
+        if plan.last_seq is not None and report.seq <= plan.last_seq:
+            return "duplicate_or_late"
+        return None
+
+    @staticmethod
+    def _write(session: Session, plan: _Plan, now: datetime) -> bool:
+        values: dict[str, Any] = {"progress": plan.progress, "last_seq": plan.last_seq}
+        if plan.error_code is not None:
+            values["error_code"] = plan.error_code
+        if plan.deadline_at is not None:
+            values["deadline_at"] = plan.deadline_at
+        if not plan.events:  # progress only: no state change
+            result = session.execute(
+                update(DeviceUpdate)
+                .where(DeviceUpdate.id == plan.snap.id, DeviceUpdate.version == plan.snap.version)
+                .values(version=plan.snap.version + 1, updated_at=now, **values)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        change = RowChange(
+            du_id=plan.snap.id,
+            expected_version=plan.snap.version,
+            old=plan.snap.state,
+            events=tuple(plan.events),
+            new=plan.state,
+            values=values,
         )
-        if new is None and not progress_only:
-            reason = reason or ("after_end" if snap.state in UPDATE_END_STATES else "not_forward")
-            out.counters[f"ignored_{reason}"] += 1
-            events.append(_report_event(snap, device_id, report, accepted=False, reason=reason))
-            return "ignored"
-        target = new if new is not None else snap.state
-        change = ReportChange(
-            du_id=snap.id,
-            expected_version=snap.version,
-            event=event,
-            old=snap.state,
-            new=target,
-            progress=report.progress,
-            error_code=str(report.error) if report.error else None,
-            seq=report.seq,
-            deadline_at=None,
-        )
-        row = _report_event(snap, device_id, report, accepted=True, reason=None, to_state=target)
-        if progress_only:
-            ok = _apply_progress(session, snap, report)
-            if ok:
-                events.append(row)
-        else:
-            ok = apply_report_change(session, change, row)
-        if not ok:
-            return "conflict"
-        snap.version += 1
-        snap.state = target
-        snap.last_seq = report.seq
-        snap.progress = 100 if target == UpdateState.SUCCEEDED else report.progress
-        out.counters["applied"] += 1
-        if report.ts is not None:
-            out.applied_ts.append(report.ts)
+        return apply_row_change(session, change)
+
+    @staticmethod
+    def _record(plan: _Plan, out: BatchOutcome) -> None:
+        snap = plan.snap
+        out.counters["applied"] += len(plan.applied)
+        out.applied_ts.extend(r.ts for r in plan.applied if r.ts is not None)
         out.dirty_rollouts.add(snap.rollout_id)
+        last = plan.last_report
         out.portal.append(
             device_message(
                 rollout_id=snap.rollout_id,
-                device_id=device_id,
+                device_id=snap.device_id,
                 update_id=snap.id,
-                state=str(target),
+                state=str(plan.state),
                 attempt=snap.attempt,
-                progress=snap.progress,
-                error=change.error_code,
-                running_version=report.running_version,
+                progress=plan.progress,
+                error=plan.error_code,
+                running_version=last.running_version if last is not None else None,
             )
         )
-        if not progress_only:
-            out.claims.extend(_claims_for(snap.id, snap.attempt, target))
-        return "applied"
+        if plan.state == snap.state:
+            return
+        if plan.state == UpdateState.VERIFIED:
+            out.install_ids.append(snap.id)
+        elif plan.state in UPDATE_END_STATES:
+            out.finalize_ids.append(snap.id)
+        elif plan.state == UpdateState.RETRYING:
+            out.retry_rollouts.add(snap.rollout_id)
 
 
-def _claims_for(update_id: int, attempt: int, state: UpdateState) -> list[tuple[int, int, Stage]]:
-    """Which parked continuations a newly reached state releases."""
-    if state in UPDATE_AWAITING_INSTALL:
-        return [(update_id, attempt, "verified")]
-    if state in UPDATE_END_STATES or state == UpdateState.RETRYING:
-        return [(update_id, attempt, "verified"), (update_id, attempt, "done")]
-    return []
-
-
-def _apply_progress(session: Session, snap: _Snapshot, report: Report) -> bool:
-    result = session.execute(
-        update(DeviceUpdate)
-        .where(DeviceUpdate.id == snap.id, DeviceUpdate.version == snap.version)
-        .values(progress=report.progress, last_seq=report.seq, version=snap.version + 1, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+def _refresh_inventory(session: Session, versions: dict[str, str], now: datetime) -> None:
+    known = set(session.scalars(select(Device.id).where(Device.id.in_(list(versions)))))
+    params = [{"b_id": d, "b_version": v, "b_seen": now} for d, v in versions.items() if d in known]
+    if params:
+        table = Device.__table__
+        session.connection().execute(
+            update(table)  # type: ignore[arg-type]
+            .where(table.c.id == bindparam("b_id"))
+            .values(firmware_version=bindparam("b_version"), last_seen=bindparam("b_seen"), online=True),
+            params,
+        )
 
 
 def _report_event(
-    snap: _Snapshot,
+    plan: _Plan,
     device_id: str,
     report: Report,
     *,
     accepted: bool,
     reason: str | None,
-    to_state: UpdateState | None = None,
+    before: UpdateState | None = None,
 ) -> dict[str, Any]:
+    snap = plan.snap
     detail: dict[str, Any] = {"progress": report.progress, "running_version": report.running_version}
     if report.error:
         detail["error"] = str(report.error)
@@ -262,8 +344,8 @@ def _report_event(
         "wave_id": snap.wave_id,
         "device_update_id": snap.id,
         "device_id": device_id,
-        "from_state": str(snap.state),
-        "to_state": str(to_state) if to_state is not None else None,
+        "from_state": str(before if before is not None else plan.state),
+        "to_state": str(plan.state) if accepted else None,
         "attempt": report.attempt,
         "seq": report.seq,
         "accepted": accepted,

@@ -1,9 +1,18 @@
 """``fleet ingest``: the long-running MQTT subscriber for device reports, info and presence.
 
 Messages are taken in whatever batch has accumulated (no artificial wait, so latency stays low when
-quiet and batches grow under load), applied to SQL in a worker thread, mirrored to retained portal
-topics, and the parked chains they release are resumed. Several ingest processes share the report
-stream through an MQTT shared subscription where the broker has them.
+quiet and batches grow under load), checked (:mod:`orchestrator.ingest.guard`), applied to SQL in a
+worker thread, acknowledged to the broker only after the commit, mirrored to retained portal
+topics, and the steps they made due are sent to the workers.
+
+No report is lost: ingest keeps a persistent session under a stable client id (MQTT 5 with a
+session expiry inside the shared group, so a member that never returns does not hold its share
+forever), and a report is acknowledged only once its batch committed; one that arrives again after a
+crash is a duplicate the applier ignores. No dependency outage ends the process: the broker is
+reconnected, a database error retries the batch with backoff (a batch that keeps failing for a
+reason other than the database being away is applied report by report, and what still fails is
+recorded as rejected), and Redis is only needed for steps and summaries, which the reconciler and
+the next summary round make up for.
 """
 
 from __future__ import annotations
@@ -15,97 +24,137 @@ import logging
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
 import redis
-from pydantic import ValidationError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy import insert
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from orchestrator.config import Settings
 from orchestrator.db import session_factory
+from orchestrator.engine.dispatch import DispatchFailed, sender_for
+from orchestrator.engine.progress import DirtyMarks
+from orchestrator.ingest.guard import Guard, Parsed, rejected_event
 from orchestrator.ingest.inventory import apply_inventory
 from orchestrator.ingest.report_applier import BatchOutcome, ReportApplier
+from orchestrator.models import Event
 from orchestrator.mqtt_link import BrokerAddress
 from orchestrator.portal import rollout_message
-from orchestrator.protocol import (
-    INFO_SUBSCRIPTION,
-    OFFLINE,
-    ONLINE,
-    ONLINE_SUBSCRIPTION,
-    REPORT_SUBSCRIPTION,
-    DeviceInfo,
-    Report,
-    device_topic_parts,
-)
-from orchestrator.worker.celery_app import app as celery_app
-from orchestrator.worker.continuations import DIRTY_ROLLOUTS, ContinuationStore
+from orchestrator.protocol import INFO_SUBSCRIPTION, ONLINE_SUBSCRIPTION, REPORT_SUBSCRIPTION
 
 log = logging.getLogger(__name__)
 STATS_KEY = "fleet:ingest:stats"
-SHARE_GROUP = "fleet-ingest"
 PUBLISH_TIMEOUT_S = 15.0
+MAX_BACKOFF_S = 10.0
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database did not answer; the batch is kept and tried again."""
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 class IngestService:
     def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
         self.settings = settings
-        # Stable across restarts, so a persistent session is resumed rather than left behind.
+        # Stable across restarts, so the persistent session (and its queued reports) is resumed.
         self.client_id = client_id or settings.ingest_client_id or f"fleet-ingest-{socket.gethostname()}"
         self.sessions = session_factory(settings.database_url)
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-        self.store = ContinuationStore(self.redis, celery_app)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.marks = DirtyMarks(self.redis)
+        self.dispatch = sender_for(settings)
+        self.guard = Guard(settings.ingest_device_rate, settings.ingest_device_burst)
         self.applier = ReportApplier()
         self.stats: Counter[str] = Counter()
         self.latencies_ms: deque[float] = deque(maxlen=20000)
         self._dirty: set[int] = set()
         self._last_summary_ids: set[int] = set()
+        self._outage: dict[str, float] = {}
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ connection
+    @property
+    def shared(self) -> bool:
+        return self.settings.mqtt_shared_subscriptions
+
     def _client(self) -> aiomqtt.Client:
         address = BrokerAddress.parse(self.settings.mqtt_url)
-        client = aiomqtt.Client(
-            address.host,
-            address.port,
-            identifier=self.client_id,
-            username=self.settings.mqtt_username,
-            password=self.settings.mqtt_password,
-            # Alone, ingest keeps a persistent session: reports published while it restarts wait at
-            # the broker. In a shared group it must not: the broker keeps handing a dead member its
-            # share of the reports, which would then wait for a client that never returns.
-            clean_session=self.settings.mqtt_shared_subscriptions,
-            protocol=aiomqtt.ProtocolVersion.V311,
-            keepalive=30,
-            max_inflight_messages=1000,
+        common: dict[str, Any] = {
+            "identifier": self.client_id,
+            "username": self.settings.mqtt_username,
+            "password": self.settings.mqtt_password,
+            "keepalive": 30,
+            "max_inflight_messages": 1000,
             # Small request/response messages: without this, Nagle + delayed ACK add ~40 ms a hop.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
+            "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        }
+        if self.shared:
+            # MQTT 5: a persistent session that expires, and a receive window the broker honours.
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = int(self.settings.ingest_session_expiry_s)
+            props.ReceiveMaximum = 4 * self.settings.ingest_batch_size
+            client = aiomqtt.Client(
+                address.host,
+                address.port,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+                properties=props,
+                **common,
+            )
+        else:
+            client = aiomqtt.Client(
+                address.host,
+                address.port,
+                protocol=aiomqtt.ProtocolVersion.V311,
+                clean_session=False,
+                **common,
+            )
+        # Acknowledge a QoS 1 message only after its batch committed (paho's manual acks).
+        client._client.manual_ack_set(True)
         # A batch publishes its portal updates concurrently; hundreds pending is normal, not a warning.
         client.pending_calls_threshold = 10 * self.settings.ingest_batch_size
         return client
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Consume until ``stop`` is set, reconnecting after broker restarts."""
+        """Consume until ``stop`` is set; reconnect after any failure, never give up."""
         stop = stop or asyncio.Event()
+        delay = 0.5
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 async with self._client() as client:
+                    self._recovered("broker")
                     await self._session(client, stop)
             except aiomqtt.MqttError as exc:
-                self.ready.clear()
-                log.warning("MQTT connection lost (%s); reconnecting in 1s", exc)
-                await _sleep_or_stop(stop, 1.0)
+                self._failing("broker", f"MQTT connection lost or refused ({exc})")
+            except Exception:
+                log.exception("ingest session failed; starting a new one")
+            self.ready.clear()
+            if stop.is_set():
+                break
+            delay = 0.5 if time.monotonic() - started > 30 else min(delay * 2, MAX_BACKOFF_S)
+            await _sleep_or_stop(stop, delay)
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         report_topic = REPORT_SUBSCRIPTION
-        if self.settings.mqtt_shared_subscriptions:
-            report_topic = f"$share/{SHARE_GROUP}/{REPORT_SUBSCRIPTION}"
+        if self.shared:
+            report_topic = f"$share/{self.settings.ingest_share_group}/{REPORT_SUBSCRIPTION}"
         await client.subscribe([(report_topic, 1), (INFO_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1)])
         queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
         tasks = [
             asyncio.create_task(self._read(client, queue)),
-            asyncio.create_task(self._summaries(client, stop)),
-            asyncio.create_task(self._flush_stats(stop)),
+            asyncio.create_task(
+                self._every(stop, self.settings.portal_summary_interval_ms / 1000, self._summaries, client)
+            ),
+            asyncio.create_task(self._every(stop, 1.0, self._flush_stats)),
         ]
         self.ready.set()
         log.info("ingest %s subscribed to %s", self.client_id, report_topic)
@@ -113,7 +162,10 @@ class IngestService:
             while not stop.is_set():
                 batch = await _next_batch(queue, self.settings.ingest_batch_size, stop)
                 if batch:
-                    await self._handle(client, batch)
+                    await self._handle_until_applied(client, batch, stop)
+                    for message in batch:
+                        if message.qos > 0:
+                            client._client.ack(message.mid, message.qos)
                 for task in tasks:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
@@ -127,100 +179,150 @@ class IngestService:
             queue.put_nowait(message)
 
     # ------------------------------------------------------------------ batches
-    def _parse(
-        self, batch: list[aiomqtt.Message]
-    ) -> tuple[list[tuple[str, Report]], dict[str, DeviceInfo], dict[str, bool]]:
-        reports: list[tuple[str, Report]] = []
-        infos: dict[str, DeviceInfo] = {}
-        presence: dict[str, bool] = {}
-        for message in batch:
-            parts = device_topic_parts(message.topic.value)
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            if parts is None:
-                self.stats["unexpected_topic"] += 1
-                continue
-            device_id, kind = parts
-            if not payload:
-                continue  # a cleared retained topic
-            try:
-                if kind == "report":
-                    reports.append((device_id, Report.model_validate_json(payload)))
-                elif kind == "info":
-                    infos[device_id] = DeviceInfo.model_validate_json(payload)
-                elif kind == "online":
-                    text = bytes(payload).decode("utf-8", "replace").strip()
-                    if text not in (ONLINE, OFFLINE):
-                        raise ValueError(f"online payload must be {ONLINE!r} or {OFFLINE!r}")
-                    presence[device_id] = text == ONLINE
-            except (ValidationError, ValueError) as exc:
-                self.stats[f"malformed_{kind}"] += 1
-                log.warning("malformed %s from %s dropped: %s", kind, device_id, str(exc).splitlines()[0])
-        return reports, infos, presence
-
-    def _apply_sync(
-        self, reports: list[tuple[str, Report]], infos: dict[str, DeviceInfo], presence: dict[str, bool]
-    ) -> BatchOutcome:
-        outcome = BatchOutcome()
-        with self.sessions() as session:
-            if infos or presence:
-                registered, _ = apply_inventory(session, infos, presence)
-                self.stats["devices_registered"] += registered
-            if reports:
-                outcome = self.applier.apply(session, reports)
-        return outcome
-
-    def _resume_sync(self, outcome: BatchOutcome) -> int:
-        resumed = 0
-        for _update_id, chain in self.store.claim_many(outcome.claims):
-            self.store.resume(chain)
-            resumed += 1
-        if outcome.dirty_rollouts:
-            self.store.mark_dirty(*outcome.dirty_rollouts)
-        return resumed
-
-    async def _handle(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
-        reports, infos, presence = self._parse(batch)
+    async def _handle_until_applied(
+        self, client: aiomqtt.Client, batch: list[aiomqtt.Message], stop: asyncio.Event
+    ) -> None:
+        parsed = self.guard.parse(
+            [
+                (
+                    m.topic.value,
+                    m.payload if isinstance(m.payload, bytes | bytearray) else b"",
+                    bool(m.retain),
+                )
+                for m in batch
+            ]
+        )
         self.stats["received"] += len(batch)
         self.stats["batches"] += 1
-        if not (reports or infos or presence):
+        if not parsed:
             return
-        outcome = await asyncio.to_thread(self._apply_sync, reports, infos, presence)
+        delay = 0.2
+        while True:
+            try:
+                outcome = await asyncio.to_thread(self._apply_sync, parsed)
+                break
+            except DatabaseUnavailable as exc:
+                self._failing("database", str(exc))
+                if stop.is_set():
+                    raise
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+        self._recovered("database")
         self.stats.update(outcome.counters)
         publishes = asyncio.gather(*(self._publish(client, t, p) for t, p in outcome.portal))
-        resumed = await asyncio.to_thread(self._resume_sync, outcome)
+        await asyncio.to_thread(self._after_commit, outcome)
         await publishes
         now = time.time()
         self.latencies_ms.extend((now - ts) * 1000 for ts in outcome.applied_ts)
-        self.stats["resumed"] += resumed
-        self._dirty |= outcome.dirty_rollouts
+
+    def _apply_sync(self, parsed: Parsed) -> BatchOutcome:
+        """Apply the batch in one transaction; a batch that fails for a reason other than the database
+        being away is applied item by item, and items that still fail are recorded as rejected."""
+        try:
+            return self._apply_all(parsed)
+        except Exception as exc:
+            if _transient(exc):
+                raise DatabaseUnavailable(
+                    f"database unavailable ({exc.__class__.__name__}: {_short(exc)})"
+                ) from exc
+            log.warning(
+                "batch failed (%s); applying its %d reports one by one", _short(exc), len(parsed.reports)
+            )
+            self.stats["batches_split"] += 1
+        outcome = BatchOutcome()
+        singles: list[Parsed] = [Parsed(rejected=parsed.rejected)]
+        singles += [Parsed(infos={d: i}) for d, i in parsed.infos.items()]
+        singles += [Parsed(presence={d: p}) for d, p in parsed.presence.items()]
+        singles += [Parsed(reports=[r]) for r in parsed.reports]
+        for single in singles:
+            try:
+                outcome.merge(self._apply_all(single))
+            except Exception as exc:
+                if _transient(exc):
+                    raise DatabaseUnavailable(str(exc)) from exc
+                device = next(iter([*single.infos, *single.presence, *(d for d, _ in single.reports)]), "?")
+                self.guard.logs.warning("message from %s rejected by the database: %s", device, _short(exc))
+                self.stats["poison"] += 1
+                with contextlib.suppress(Exception), self.sessions() as session:
+                    session.execute(insert(Event), [rejected_event(device, "poison", _short(exc))])
+                    session.commit()
+        return outcome
+
+    def _apply_all(self, parsed: Parsed) -> BatchOutcome:
+        outcome = BatchOutcome()
+        with self.sessions() as session:
+            try:
+                if parsed.rejected:
+                    session.execute(insert(Event), parsed.rejected)
+                if parsed.infos or parsed.presence:
+                    registered, _ = apply_inventory(session, parsed.infos, parsed.presence)
+                    self.stats["devices_registered"] += registered
+                if parsed.reports:
+                    outcome = self.applier.apply(session, parsed.reports)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+        return outcome
+
+    def _after_commit(self, outcome: BatchOutcome) -> None:
+        """Send the steps the batch made due. A failure is logged: the reconciler re-sends them."""
+        try:
+            if outcome.install_ids:
+                self.dispatch.install(outcome.install_ids)
+            if outcome.finalize_ids:
+                self.dispatch.finalize(outcome.finalize_ids)
+            for rollout_id in sorted(outcome.retry_rollouts):
+                self.dispatch.offer(rollout_id)
+            self._recovered("celery broker")
+        except DispatchFailed as exc:
+            self.stats["dispatch_failed"] += 1
+            self._failing("celery broker", f"{exc}; the reconciler re-sends the steps")
+        self.stats["steps_sent"] += len(outcome.install_ids) + len(outcome.finalize_ids)
+        self.marks.mark(*outcome.dirty_rollouts)
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         """Retained QoS 1 publish that cannot hang the loop on a lost acknowledgement."""
-        await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
+        try:
+            await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
+        except aiomqtt.MqttError:
+            self.stats["portal_publish_failed"] += 1
 
-    # ------------------------------------------------------------------ rollout summaries
-    async def _summaries(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        interval = self.settings.portal_summary_interval_ms / 1000
+    # ------------------------------------------------------------------ periodic
+    async def _every(
+        self, stop: asyncio.Event, interval: float, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
         while not stop.is_set():
             await asyncio.sleep(interval)
             try:
-                messages = await asyncio.to_thread(self._summary_messages)
-                await asyncio.gather(*(self._publish(client, t, p) for t, p in messages))
+                await fn(*args)
             except aiomqtt.MqttError:
                 raise  # the connection is gone: the session reconnects
-            except Exception:
-                # A summary is only a view of SQL: log, and publish it again on the next round.
-                log.exception("publishing rollout summaries failed; retrying")
-                self._dirty |= self._last_summary_ids
-                continue
-            self.stats["summaries"] += len(messages)
+            except Exception as exc:
+                self.guard.logs.warning("%s failed (%s); next round", fn.__name__, _short(exc))
+
+    async def _summaries(self, client: aiomqtt.Client) -> None:
+        try:
+            messages = await asyncio.to_thread(self._summary_messages)
+        except Exception:
+            self._dirty |= self._last_summary_ids  # a summary is only a view of SQL: next round
+            raise
+        await asyncio.gather(*(self._publish(client, t, p) for t, p in messages))
+        self.stats["summaries"] += len(messages)
 
     def _summary_messages(self) -> list[tuple[str, bytes]]:
-        popped = self.redis.spop(DIRTY_ROLLOUTS, 1000) or []
-        dirty = self._dirty | {int(x) for x in popped}
+        try:
+            popped = self.marks.pop()
+            self._recovered("redis")
+        except redis.RedisError as exc:
+            self._failing("redis", f"cannot read rollouts to refresh ({exc})")
+            popped = set()
+        dirty = self._dirty | popped
         self._dirty = set()
         self._last_summary_ids = dirty
         messages: list[tuple[str, bytes]] = []
+        if not dirty:
+            return messages
         with self.sessions() as session:
             for rollout_id in sorted(dirty):
                 message = rollout_message(session, rollout_id)
@@ -229,16 +331,33 @@ class IngestService:
             session.rollback()
         return messages
 
-    async def _flush_stats(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(1.0)
-            snapshot: dict[str, Any] = dict(self.stats)
-            if self.latencies_ms:
-                ordered = sorted(self.latencies_ms)
-                snapshot["latency_p50_ms"] = round(ordered[len(ordered) // 2], 2)
-                snapshot["latency_p99_ms"] = round(ordered[int(len(ordered) * 0.99)], 2)
-            snapshot["updated"] = time.time()
+    async def _flush_stats(self) -> None:
+        snapshot: dict[str, Any] = dict(self.stats + self.guard.stats)
+        if self.latencies_ms:
+            ordered = sorted(self.latencies_ms)
+            snapshot["latency_p50_ms"] = round(ordered[len(ordered) // 2], 2)
+            snapshot["latency_p99_ms"] = round(ordered[int(len(ordered) * 0.99)], 2)
+        snapshot["updated"] = time.time()
+        with contextlib.suppress(redis.RedisError):  # statistics only; the next second tries again
             await asyncio.to_thread(self.redis.hset, STATS_KEY, self.client_id, json.dumps(snapshot))
+
+    # ------------------------------------------------------------------ outages
+    def _failing(self, what: str, message: str) -> None:
+        """Log an outage once, when it starts."""
+        if what not in self._outage:
+            self._outage[what] = time.monotonic()
+            log.warning("%s: %s; retrying with backoff", what, message)
+        self.stats[f"{what.replace(' ', '_')}_errors"] += 1
+
+    def _recovered(self, what: str) -> None:
+        started = self._outage.pop(what, None)
+        if started is not None:
+            log.info("%s is back after %.1fs", what, time.monotonic() - started)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return text[:200]
 
 
 async def _next_batch(

@@ -19,6 +19,7 @@ class DeviceUpdate(Base):
         Index("ix_device_updates_wave_state", "wave_id", "state"),
         Index("ix_device_updates_state_deadline", "state", "deadline_at"),
         Index("ix_device_updates_device", "device_id"),
+        Index("ix_device_updates_state_updated", "state", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -33,6 +34,12 @@ class DeviceUpdate(Base):
     deadline_at: Mapped[datetime | None] = mapped_column(doc="stage timeout; the reconciler acts after it")
     offered_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    finalized_at: Mapped[datetime | None] = mapped_column(
+        doc="the finalize step ran (desired cleared, wave and thresholds checked); NULL = still due"
+    )
+    redrive_at: Mapped[datetime | None] = mapped_column(
+        doc="earliest time the reconciler may re-send this update's current step again"
+    )
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Workers, ingest and the reconciler all write here: every change is a compare-and-set on this.
     version: Mapped[int] = mapped_column(default=1)

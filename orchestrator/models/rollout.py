@@ -23,7 +23,7 @@ class Rollout(Base):
     target: Mapped[dict[str, Any]] = mapped_column(
         deferred=True, doc="{device_ids: [...]} or {model, labels}"
     )
-    policy: Mapped[dict[str, Any]] = mapped_column(doc="orchestrator.services.policy.RolloutPolicy as JSON")
+    policy: Mapped[dict[str, Any]] = mapped_column(doc="orchestrator.policy.RolloutPolicy as JSON")
     total: Mapped[int] = mapped_column(default=0)
     current_wave: Mapped[int | None]
     reason: Mapped[str | None] = mapped_column(String(200), doc="why it halted or was aborted")
@@ -32,6 +32,9 @@ class Rollout(Base):
     finished_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Every admission of devices into flight bumps this with a compare-and-set, so two concurrent
+    # admissions cannot both fill the same free slots (max_in_flight is a hard cap).
+    admission_seq: Mapped[int] = mapped_column(default=0, server_default="0")
     # Operators, workers and the reconciler all change rollouts: optimistic locking.
     version: Mapped[int] = mapped_column(default=1)
 

@@ -9,12 +9,16 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.engine.waves import cancel_not_started
+from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.models import Device, DeviceUpdate, Event, Firmware, Rollout, Wave, utcnow
+from orchestrator.policy import RolloutPolicy, Target, split_into_waves
 from orchestrator.protocol import ErrorCode
-from orchestrator.services.policy import RolloutPolicy, Target, split_into_waves
-from orchestrator.state_machines import UpdateEvent
+from orchestrator.state_machines import UPDATE_END_STATES, RolloutState, UpdateEvent
 from orchestrator.transitions import initial_update_state
+
+_ACTIVE_ROLLOUTS = (RolloutState.SCHEDULED, RolloutState.RUNNING, RolloutState.PAUSED)
+NAMED_IN_CONFLICT = 20
 
 _CHUNK = 5000  # stays below every backend's bound-parameter limit
 
@@ -62,10 +66,15 @@ def create_rollout(
     policy: RolloutPolicy,
     start_at: datetime | None = None,
     actor: str = "operator",
+    supersede: bool = False,
 ) -> Rollout:
     """Create a SCHEDULED rollout with its waves and device updates, written in bulk. The caller commits.
 
-    Devices of another model or already on the target version become SKIPPED with a reason.
+    Devices of another model or already on the target version become SKIPPED with a reason. A device
+    with an unfinished update in another active rollout is never silently displaced: without
+    ``supersede`` that is a :class:`Conflict` naming the devices; with it, the older update is
+    canceled where it has not started and left to finish where it has (this rollout's update of
+    that device waits until then).
     """
     firmware = session.get(Firmware, firmware_id)
     if firmware is None:
@@ -82,6 +91,17 @@ def create_rollout(
             skipped.append((c, ErrorCode.ALREADY_ON_TARGET))
         else:
             eligible.append(c)
+    busy = _busy_elsewhere(session, [c.id for c in eligible])
+    if busy and not supersede:
+        names = ", ".join(sorted(busy)[:NAMED_IN_CONFLICT])
+        more = f" and {len(busy) - NAMED_IN_CONFLICT} more" if len(busy) > NAMED_IN_CONFLICT else ""
+        rollouts = ", ".join(str(r) for r in sorted(set(busy.values())))
+        raise Conflict(
+            f"{len(busy)} device(s) already have an unfinished update in rollout(s) {rollouts}: "
+            f"{names}{more}; wait for it, abort it, or create this rollout with supersede=true "
+            "(updates that have not started are canceled there, started ones finish first)",
+            field="target",
+        )
 
     rollout = Rollout(
         name=name,
@@ -161,4 +181,54 @@ def create_rollout(
         )
     for start in range(0, len(events), _CHUNK):
         session.execute(insert(Event), events[start : start + _CHUNK])
+    if busy:
+        _supersede(session, rollout.id, busy, actor)
     return rollout
+
+
+def _busy_elsewhere(session: Session, device_ids: list[str]) -> dict[str, int]:
+    """Devices among ``device_ids`` with an unfinished update in an active rollout -> that rollout."""
+    busy: dict[str, int] = {}
+    for start in range(0, len(device_ids), _CHUNK):
+        rows = session.execute(
+            select(DeviceUpdate.device_id, DeviceUpdate.rollout_id)
+            .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
+            .where(
+                DeviceUpdate.device_id.in_(device_ids[start : start + _CHUNK]),
+                DeviceUpdate.state.not_in(UPDATE_END_STATES),
+                Rollout.status.in_(_ACTIVE_ROLLOUTS),
+            )
+        )
+        busy.update({device_id: rollout_id for device_id, rollout_id in rows})
+    return busy
+
+
+def _supersede(session: Session, new_rollout_id: int, busy: dict[str, int], actor: str) -> None:
+    """Cancel the older rollouts' not-yet-started updates of ``busy`` devices (started ones finish)."""
+    now = utcnow()
+    for old_rollout_id in sorted(set(busy.values())):
+        devices = [d for d, r in busy.items() if r == old_rollout_id]
+        canceled: list[int] = []
+        for start in range(0, len(devices), _CHUNK):
+            canceled += cancel_not_started(
+                session,
+                DeviceUpdate.rollout_id == old_rollout_id,
+                DeviceUpdate.device_id.in_(devices[start : start + _CHUNK]),
+                error_code="superseded",
+                detail={"superseded_by": new_rollout_id},
+            )
+        session.add(
+            Event(
+                kind="operator",
+                name="rollout_superseded",
+                rollout_id=old_rollout_id,
+                detail={
+                    "actor": actor,
+                    "by_rollout": new_rollout_id,
+                    "devices": len(devices),
+                    "canceled": len(canceled),
+                    "finishing": len(devices) - len(canceled),
+                },
+                created_at=now,
+            )
+        )

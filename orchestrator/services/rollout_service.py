@@ -1,29 +1,22 @@
 """Operator actions on rollouts: start, pause, resume, abort. Thin callers (API, CLI) use only these.
 
 Each action is a state-machine transition committed in SQL, then a nudge to the workers
-(``fleet.kick_rollout``) that releases parked offers or starts the next wave. Devices that have
-been offered an update are never touched here: they run to an end state.
+(:func:`orchestrator.engine.client.nudge`) that admits devices or starts the next wave. Devices that
+have been offered an update are never touched here: they run to an end state.
 """
 
 from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from orchestrator.engine.client import nudge
+from orchestrator.engine.waves import stop_rollout
 from orchestrator.errors import NotFound
-from orchestrator.models import DeviceUpdate, Rollout, Wave
-from orchestrator.protocol import ErrorCode
-from orchestrator.state_machines import (
-    UPDATE_NOT_STARTED,
-    RolloutEvent,
-    RolloutState,
-    UpdateEvent,
-    WaveEvent,
-    WaveState,
-)
-from orchestrator.transitions import bulk_transition_updates, transition_rollout, transition_wave
+from orchestrator.models import Rollout
+from orchestrator.state_machines import RolloutEvent, RolloutState
+from orchestrator.transitions import transition_rollout
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +28,13 @@ def get_rollout(session: Session, rollout_id: int) -> Rollout:
     return rollout
 
 
-def _send(task: str, rollout_id: int) -> None:
-    """Nudge the workers. The state change is already committed, so a broker outage only delays it:
-    the reconciler moves every RUNNING rollout on from SQL."""
-    from orchestrator.worker.celery_app import app
-
-    try:
-        app.send_task(task, args=(rollout_id,), retry=False)
-    except Exception as exc:
-        log.warning(
-            "could not send %s for rollout %s (%s); the reconciler will pick it up", task, rollout_id, exc
-        )
-
-
 def start_rollout(session: Session, rollout_id: int, *, actor: str = "system", send: bool = True) -> Rollout:
     """SCHEDULED -> RUNNING and launch the first wave. Rollout must be SCHEDULED. Commits."""
     rollout = get_rollout(session, rollout_id)
     transition_rollout(session, rollout, RolloutEvent.START, actor=actor)
     session.commit()
     if send:
-        _send("fleet.kick_rollout", rollout_id)
+        nudge(rollout_id)
     return rollout
 
 
@@ -63,7 +43,7 @@ def pause_rollout(session: Session, rollout_id: int, *, actor: str = "operator")
     rollout = get_rollout(session, rollout_id)
     transition_rollout(session, rollout, RolloutEvent.PAUSE, actor=actor)
     session.commit()
-    _send("fleet.publish_summary", rollout_id)
+    nudge(rollout_id)  # refreshes the portal summary
     return rollout
 
 
@@ -72,30 +52,8 @@ def resume_rollout(session: Session, rollout_id: int, *, actor: str = "operator"
     rollout = get_rollout(session, rollout_id)
     transition_rollout(session, rollout, RolloutEvent.RESUME, actor=actor)
     session.commit()
-    _send("fleet.kick_rollout", rollout_id)
+    nudge(rollout_id)
     return rollout
-
-
-def stop_rollout(
-    session: Session, rollout: Rollout, event: RolloutEvent, *, reason: str, actor: str
-) -> list[int]:
-    """ABORT or HALT: cancel every device update that has not started, and every wave not begun.
-
-    Returns the canceled update ids. The caller commits and kicks the rollout so parked chains end.
-    """
-    transition_rollout(session, rollout, event, reason=reason, actor=actor)
-    not_started = session.scalars(
-        select(DeviceUpdate).where(
-            DeviceUpdate.rollout_id == rollout.id, DeviceUpdate.state.in_(UPDATE_NOT_STARTED)
-        )
-    ).all()
-    code = ErrorCode.CANCELED if event == RolloutEvent.ABORT else "rollout_halted"
-    canceled = bulk_transition_updates(session, not_started, UpdateEvent.CANCEL, error_code=str(code))
-    for wave in session.scalars(
-        select(Wave).where(Wave.rollout_id == rollout.id, Wave.status == WaveState.PENDING)
-    ):
-        transition_wave(session, wave, WaveEvent.CANCEL, detail={"reason": reason})
-    return canceled
 
 
 def abort_rollout(session: Session, rollout_id: int, *, actor: str = "operator") -> Rollout:
@@ -104,7 +62,7 @@ def abort_rollout(session: Session, rollout_id: int, *, actor: str = "operator")
     canceled = stop_rollout(session, rollout, RolloutEvent.ABORT, reason="aborted by operator", actor=actor)
     session.commit()
     log.info("rollout %s aborted: %d device updates canceled", rollout_id, len(canceled))
-    _send("fleet.kick_rollout", rollout_id)
+    nudge(rollout_id)
     return rollout
 
 

@@ -21,8 +21,8 @@ from orchestrator.api.app import create_app
 from orchestrator.config import REPO_ROOT, Settings
 from orchestrator.db import engine_for, session_factory
 from orchestrator.embedded import free_port
+from orchestrator.engine import client as engine_client
 from orchestrator.services.token_service import create_token
-from orchestrator.worker import celery_app
 
 SAMPLES = REPO_ROOT / "firmware_samples"
 
@@ -54,7 +54,7 @@ def celery_to_test_redis(redis_url: str) -> Iterator[redis.Redis]:
     """Empty test Redis with this process's Celery app sending to it; yields a client for asserts."""
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    celery_app.use_redis(redis_url)
+    engine_client.use_settings(Settings(redis_url=redis_url))
     yield client
     client.close()
 

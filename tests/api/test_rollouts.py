@@ -14,7 +14,8 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from orchestrator.models import DeviceUpdate, Rollout, Wave, utcnow
 from orchestrator.services import rollout_service
-from orchestrator.state_machines import RolloutState
+from orchestrator.state_machines import RolloutState, UpdateEvent, UpdateState
+from orchestrator.transitions import transition_update
 from tests.api.conftest import assert_error, sent_tasks, upload
 from tests.factories import add_devices
 
@@ -30,8 +31,9 @@ def firmware_id(client: TestClient, operator: dict[str, str], session: Session) 
 
 
 def create(client: TestClient, headers: dict[str, str], fw: int, **extra: Any) -> Any:
-    """POST /v1/rollouts for every sensor-v2 device; ``extra`` replaces or adds body fields."""
-    body = {"name": "r", "firmware_id": fw, "target": {"model": "sensor-v2"}, **extra}
+    """POST /v1/rollouts for every sensor-v2 device, superseding earlier rollouts of these tests;
+    ``extra`` replaces or adds body fields."""
+    body = {"name": "r", "firmware_id": fw, "target": {"model": "sensor-v2"}, "supersede": True, **extra}
     return client.post("/v1/rollouts", headers=headers, json=body)
 
 
@@ -64,7 +66,7 @@ def test_create_starts_at_once(
     sizes = session.scalars(select(Wave.size).where(Wave.rollout_id == body["id"]).order_by(Wave.index)).all()
     session.commit()
     assert sizes == [3, 27]
-    assert ("fleet.kick_rollout", f"({body['id']},)") in sent_tasks(celery_to_test_redis)
+    assert ("fleet.kick", f"({body['id']},)") in sent_tasks(celery_to_test_redis)
 
 
 def test_create_with_future_start_stays_scheduled(
@@ -198,10 +200,10 @@ def test_pause_resume_abort(
     celery_to_test_redis.flushdb()
     paused = client.post(f"/v1/rollouts/{rollout_id}/pause", headers=operator)
     assert paused.status_code == 200 and paused.json()["status"] == "PAUSED"
-    assert ("fleet.publish_summary", f"({rollout_id},)") in sent_tasks(celery_to_test_redis)
+    assert ("fleet.kick", f"({rollout_id},)") in sent_tasks(celery_to_test_redis)
     resumed = client.post(f"/v1/rollouts/{rollout_id}/resume", headers=operator)
     assert resumed.status_code == 200 and resumed.json()["status"] == "RUNNING"
-    assert ("fleet.kick_rollout", f"({rollout_id},)") in sent_tasks(celery_to_test_redis)
+    assert ("fleet.kick", f"({rollout_id},)") in sent_tasks(celery_to_test_redis)
     aborted = client.post(f"/v1/rollouts/{rollout_id}/abort", headers=operator)
     assert aborted.status_code == 200
     body = aborted.json()
@@ -282,3 +284,48 @@ def test_lost_optimistic_lock_race_is_409(
     monkeypatch.setattr(rollout_service, "pause_rollout", concurrent_writer)
     response = client.post(f"/v1/rollouts/{rollout_id}/pause", headers=operator)
     assert_error(response, 409, "concurrent_update")
+
+
+def test_overlapping_rollouts_conflict_unless_superseding(
+    client: TestClient, operator: dict[str, str], firmware_id: int, session: Session
+) -> None:
+    # Given a running rollout over dev-00000..dev-00009 with three of them already offered
+    first = create(client, operator, firmware_id, target={"device_ids": [f"dev-{i:05d}" for i in range(10)]})
+    first_id = first.json()["id"]
+    started = session.scalars(
+        select(DeviceUpdate).where(DeviceUpdate.rollout_id == first_id).order_by(DeviceUpdate.id).limit(3)
+    ).all()
+    for du in started:  # as the wave start and the offer step leave them
+        transition_update(session, du, UpdateEvent.ENQUEUE)
+        transition_update(session, du, UpdateEvent.OFFER)
+    session.commit()
+    # When another rollout targets an overlapping set without superseding
+    body = {
+        "name": "second",
+        "firmware_id": firmware_id,
+        "target": {"device_ids": ["dev-00001", "dev-00005", "dev-00020"]},
+    }
+    response = client.post("/v1/rollouts", headers=operator, json=body)
+    # Then it is refused, naming the devices, and nothing was written
+    assert_error(response, 409, "conflict", "target")
+    message = response.json()["message"]
+    assert "dev-00001" in message and "dev-00005" in message and "dev-00020" not in message
+    assert f"rollout(s) {first_id}" in message
+    assert session.scalar(select(func.count()).select_from(Rollout)) == 1
+    # When it supersedes
+    second = client.post("/v1/rollouts", headers=operator, json={**body, "supersede": True})
+    assert second.status_code == 201, second.text
+    # Then the older update that had not started is canceled, the started one is left to finish
+    old = {
+        du.device_id: du
+        for du in session.scalars(select(DeviceUpdate).where(DeviceUpdate.rollout_id == first_id))
+    }
+    session.commit()
+    assert old["dev-00001"].state == UpdateState.OFFERED
+    assert old["dev-00005"].state == UpdateState.CANCELED and old["dev-00005"].error_code == "superseded"
+    assert old["dev-00002"].state == UpdateState.OFFERED and old["dev-00006"].state != UpdateState.CANCELED
+    events = client.get(f"/v1/rollouts/{first_id}/events", headers=operator).json()["items"]
+    superseded = [e for e in events if e["name"] == "rollout_superseded"]
+    assert (
+        superseded and superseded[0]["detail"]["canceled"] == 1 and superseded[0]["detail"]["finishing"] == 1
+    )

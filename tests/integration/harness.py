@@ -19,14 +19,14 @@ from sqlalchemy import func, select
 from device_sim.fleet import FleetConfig, spawn_fleet
 from orchestrator.config import DEV_PUBLIC_KEY, REPO_ROOT, Settings
 from orchestrator.db import session_scope
+from orchestrator.engine import client as engine_client
 from orchestrator.local_stack import LocalStack, StackSettings, wait_until
 from orchestrator.models import Device, DeviceUpdate, Event, Rollout
+from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.services import rollout_service
 from orchestrator.services.firmware_service import add_firmware
-from orchestrator.services.policy import RolloutPolicy, Target
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.state_machines import UPDATE_IN_FLIGHT
-from orchestrator.worker.celery_app import use_redis
 
 SAMPLES = REPO_ROOT / "firmware_samples"
 # Real downloads and reboots, but fast.
@@ -62,13 +62,13 @@ def running_harness(
     mqtt_broker: Any,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[Harness]:
-    """A full stack on the session's Redis and broker, started from empty queues, continuations and
-    retained topics (tests share those servers), stopped afterwards."""
+    """A full stack on the session's Redis and broker, started from empty queues and retained topics
+    (tests share those servers), stopped afterwards."""
     client = redis.Redis.from_url(redis_url)
     client.flushall()
     client.close()
     scrub_retained(mqtt_broker.host, mqtt_broker.port)
-    use_redis(redis_url)
+    engine_client.use_settings(Settings(redis_url=redis_url, database_url=database_url))
     settings = StackSettings(
         data_dir=data_dir,
         database_url=database_url,
@@ -77,6 +77,7 @@ def running_harness(
         shared_subscriptions=bool(mqtt_broker.supports_mqtt5),
         extra_env={
             "FLEET_RECONCILE_INTERVAL_S": "1",
+            "FLEET_STALL_S": "3",
             "FLEET_CELERY_VISIBILITY_TIMEOUT_S": "10",
             "FLEET_PORTAL_SUMMARY_INTERVAL_MS": "100",
             **(extra_env or {}),

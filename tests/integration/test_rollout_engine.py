@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.services.policy import RolloutPolicy
+from orchestrator.policy import RolloutPolicy
 from orchestrator.state_machines import UPDATE_END_STATES
 from tests.integration.harness import QUICK_REAL, Harness
 

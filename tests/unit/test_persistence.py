@@ -11,10 +11,10 @@ from sqlalchemy.orm.exc import StaleDataError
 from orchestrator.db import check_database, session_factory
 from orchestrator.errors import IllegalTransition
 from orchestrator.models import DeviceUpdate, Event, Firmware, Rollout
-from orchestrator.services.policy import RolloutPolicy, Target
+from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.state_machines import UpdateEvent, UpdateState
-from orchestrator.transitions import bulk_transition_updates, transition_update
+from orchestrator.transitions import bulk_transition_where, transition_update
 from tests.factories import add_devices, add_firmware_row
 
 
@@ -139,8 +139,10 @@ def test_concurrent_writers_are_detected(database_url: str) -> None:
     with pytest.raises(StaleDataError):
         second.commit()
     second.rollback()
-    # a bulk CAS with a stale snapshot changes nothing
-    assert bulk_transition_updates(second, [(du_id, 1, UpdateState.PENDING)], UpdateEvent.CANCEL) == []
+    # a bulk compare-and-set on the state changes nothing once the row moved on
+    assert (
+        bulk_transition_where(second, UpdateEvent.CANCEL, UpdateState.PENDING, DeviceUpdate.id == du_id) == []
+    )
     second.commit()
     assert second.get_one(DeviceUpdate, du_id).state == UpdateState.QUEUED
     first.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.services.policy import RolloutPolicy, Target, split_into_waves
+from orchestrator.policy import RolloutPolicy, Target, split_into_waves
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import session_factory
 from orchestrator.ingest.report_applier import ReportApplier
-from orchestrator.models import Device, DeviceUpdate, Event
+from orchestrator.models import Device, DeviceUpdate, Event, Firmware
+from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.protocol import ErrorCode, Report, ReportState
-from orchestrator.services.policy import RolloutPolicy, Target
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.state_machines import UpdateEvent, UpdateState
 from orchestrator.transitions import transition_update
@@ -22,12 +22,14 @@ def session(database_url: str) -> Session:
     return session_factory(database_url)()
 
 
-def _offered(session: Session, count: int = 1, max_attempts: int = 2) -> list[DeviceUpdate]:
-    add_devices(session, count)
-    fw = add_firmware_row(session)
+def _offered(
+    session: Session, count: int = 1, max_attempts: int = 2, prefix: str = "dev-"
+) -> list[DeviceUpdate]:
+    ids = add_devices(session, count, prefix=prefix)
+    fw = session.scalars(select(Firmware)).first() or add_firmware_row(session)
     policy = RolloutPolicy(waves=["100%"], max_attempts=max_attempts)
     rollout = create_rollout(
-        session, name="r", firmware_id=fw.id, target=Target(model="sensor-v2"), policy=policy
+        session, name="r", firmware_id=fw.id, target=Target(device_ids=ids), policy=policy
     )
     session.commit()
     updates = list(session.scalars(select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout.id)))
@@ -49,7 +51,7 @@ def _state(session: Session, du_id: int) -> UpdateState:
     return session.get_one(DeviceUpdate, du_id).state
 
 
-def test_reports_in_order_reach_success_and_release_continuations(session: Session) -> None:
+def test_reports_in_order_reach_success_and_make_the_next_steps_due(session: Session) -> None:
     [du] = _offered(session)
     applier = ReportApplier()
     out = applier.apply(
@@ -61,12 +63,19 @@ def test_reports_in_order_reach_success_and_release_continuations(session: Sessi
         ],
     )
     assert _state(session, du.id) == UpdateState.VERIFIED
-    assert (du.id, 1, "verified") in out.claims
+    # three reports of one update in a batch: one row change, one portal document, three events
+    assert out.install_ids == [du.id] and out.finalize_ids == [] and len(out.portal) == 1
+    assert out.counters["applied"] == 3
     out = applier.apply(session, [_report(du, ReportState.SUCCEEDED, 6, running_version="1.1.0")])
     assert _state(session, du.id) == UpdateState.SUCCEEDED
-    assert {(du.id, 1, "verified"), (du.id, 1, "done")} <= set(out.claims)
+    assert out.finalize_ids == [du.id] and out.install_ids == []
     assert session.get_one(Device, du.device_id).firmware_version == "1.1.0"
     assert len(out.portal) == 1
+    reports = session.scalars(
+        select(Event).where(Event.device_update_id == du.id, Event.kind == "report")
+    ).all()
+    assert [e.name for e in reports] == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "SUCCEEDED"]
+    assert [e.to_state for e in reports] == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "SUCCEEDED"]
 
 
 def test_duplicates_late_and_out_of_order_reports_are_ignored_and_kept(session: Session) -> None:
@@ -129,6 +138,46 @@ def test_reports_for_other_attempts_devices_or_unknown_updates_are_dropped(sessi
         ],
     )
     assert out.counters["ignored_other_attempt"] == 1
-    assert out.counters["device_mismatch"] == 1
+    assert out.counters["ignored_device_mismatch"] == 1
     assert out.counters["unknown_update"] == 1
     assert _state(session, first.id) == UpdateState.OFFERED
+
+
+def test_success_without_the_target_version_running_fails_the_update(session: Session) -> None:
+    # Given an update installing 1.1.0
+    [du] = _offered(session)
+    applier = ReportApplier()
+    applier.apply(session, [_report(du, ReportState.VERIFIED, 1), _report(du, ReportState.INSTALLING, 2)])
+    # When the device claims success but still runs 1.0.0
+    out = applier.apply(session, [_report(du, ReportState.SUCCEEDED, 3, running_version="1.0.0")])
+    # Then the update FAILED with version_mismatch (an install-stage failure: not retried)
+    session.expire_all()
+    row = session.get_one(DeviceUpdate, du.id)
+    assert row.state == UpdateState.FAILED and row.error_code == "version_mismatch"
+    assert out.finalize_ids == [du.id] and out.counters["version_mismatch"] == 1
+    event = session.scalars(
+        select(Event).where(Event.device_update_id == du.id, Event.name == "SUCCEEDED")
+    ).one()
+    assert event.to_state == "FAILED" and event.detail["error"] == "version_mismatch"
+
+
+def test_stage_deadlines_follow_the_reports(session: Session) -> None:
+    from datetime import timedelta
+
+    from orchestrator.models import utcnow
+
+    [du] = _offered(session, max_attempts=3)
+    applier = ReportApplier()
+    # VERIFIED starts the install deadline (policy default 900 s), replacing the download deadline
+    applier.apply(session, [_report(du, ReportState.VERIFIED, 1)])
+    session.expire_all()
+    row = session.get_one(DeviceUpdate, du.id)
+    assert row.deadline_at is not None
+    assert timedelta(seconds=880) < row.deadline_at - utcnow() <= timedelta(seconds=900)
+    # a retryable failure makes the row RETRYING, due after the backoff (5 s for attempt 1)
+    [other] = _offered(session, count=1, max_attempts=3, prefix="b-")
+    out = applier.apply(session, [_report(other, ReportState.FAILED, 1, error=ErrorCode.DOWNLOAD_ERROR)])
+    session.expire_all()
+    row = session.get_one(DeviceUpdate, other.id)
+    assert row.state == UpdateState.RETRYING and out.retry_rollouts == {row.rollout_id}
+    assert row.deadline_at is not None and timedelta(0) < row.deadline_at - utcnow() <= timedelta(seconds=5)

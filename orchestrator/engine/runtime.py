@@ -1,7 +1,6 @@
-"""Per-process resources of workers and the reconciler: DB sessions, Redis, MQTT publisher.
-
-Created lazily and again after a fork, so prefork children never share sockets with the parent.
-"""
+"""Per-process resources of engine steps: DB sessions, a Redis client for progress marks, the MQTT
+publisher and the step dispatcher. Built lazily and again after a fork, so prefork children never
+share sockets with their parent."""
 
 from __future__ import annotations
 
@@ -10,21 +9,22 @@ import threading
 from dataclasses import dataclass, field
 
 import redis
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.config import Settings, get_settings
+from orchestrator.config import Settings
 from orchestrator.db import session_factory
+from orchestrator.engine.dispatch import Dispatcher
+from orchestrator.engine.progress import DirtyMarks
 from orchestrator.mqtt_link import MqttPublisher
-from orchestrator.worker.celery_app import app
-from orchestrator.worker.continuations import ContinuationStore
 
 
 @dataclass
 class Runtime:
     settings: Settings
     sessions: sessionmaker[Session]
-    redis: redis.Redis[bytes]
-    store: ContinuationStore
+    marks: DirtyMarks
+    dispatch: Dispatcher
     pid: int = field(default_factory=os.getpid)
     _publisher: MqttPublisher | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -45,28 +45,16 @@ class Runtime:
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
-        self.redis.close()
+        self.marks.redis.close()
 
 
-_runtime: Runtime | None = None
-
-
-def get_runtime() -> Runtime:
-    global _runtime
-    if _runtime is None or _runtime.pid != os.getpid():
-        settings = get_settings()
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
-        _runtime = Runtime(
-            settings=settings,
-            sessions=session_factory(settings.database_url),
-            redis=client,
-            store=ContinuationStore(client, app),
-        )
-    return _runtime
-
-
-def reset_runtime() -> None:
-    global _runtime
-    if _runtime is not None:
-        _runtime.close()
-    _runtime = None
+def build_runtime(settings: Settings, app: Celery) -> Runtime:
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+    )
+    return Runtime(
+        settings=settings,
+        sessions=session_factory(settings.database_url),
+        marks=DirtyMarks(client),
+        dispatch=Dispatcher(app),
+    )

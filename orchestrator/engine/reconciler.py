@@ -1,0 +1,289 @@
+"""Periodic repair from SQL, the source of truth (Celery beat runs ``fleet.reconcile`` every few seconds).
+
+Each pass, every part on its own (a failure in one row or one part is logged and the pass goes on):
+
+- starts scheduled rollouts whose ``start_at`` has come;
+- times out in-flight updates past their stage deadline (the download deadline is set at offer,
+  the install deadline when VERIFIED is applied): a retry when attempts remain, else TIMED_OUT;
+- requeues RETRYING updates whose backoff has passed (their deadline is the retry time);
+- re-sends the step of every update that stopped moving for ``FLEET_STALL_S`` although the next
+  move is ours: OFFERED (publish the offer again), VERIFIED (install), ended but not finalized
+  (finalize). Each re-send pushes the next one out by as long as the row has been stalled, so a
+  device that is merely offline costs a handful of publishes, not one per pass;
+- moves rollouts on: kicks RUNNING rollouts without a running wave, closes running waves with
+  nothing open, admits queued devices into free slots, and marks active rollouts for a portal refresh.
+
+Paused, halted and aborted rollouts are repaired too (timeouts, finalize, waves); only admission
+waits for RUNNING. Re-sending is safe because every step is idempotent: a step sent twice finds the
+row already moved on the second time, or repeats a retained publish.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.engine.admission import admit, in_flight_count
+from orchestrator.engine.dispatch import DispatchFailed
+from orchestrator.engine.runtime import Runtime
+from orchestrator.engine.steps import finalize
+from orchestrator.engine.waves import close_wave, kick, policy_of, rollout_policy, wave_is_open
+from orchestrator.models import DeviceUpdate, Rollout, Wave, utcnow
+from orchestrator.state_machines import (
+    UPDATE_END_STATES,
+    UPDATE_IN_FLIGHT,
+    RolloutEvent,
+    RolloutState,
+    UpdateEvent,
+    UpdateState,
+    WaveState,
+)
+from orchestrator.transitions import bulk_transition_where, transition_rollout
+
+log = logging.getLogger(__name__)
+BATCH = 1000
+MAX_REDRIVE_GAP = timedelta(minutes=10)
+_ACTIVE = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED, RolloutState.ABORTED)
+
+
+def reconcile_once(rt: Runtime) -> dict[str, int]:
+    """One pass over everything that may need repair; safe to run concurrently with the engine."""
+    stats: Counter[str] = Counter()
+    parts: list[Callable[[Runtime, Counter[str]], None]] = [
+        _start_due,
+        _time_out,
+        _requeue_due,
+        _redrive,
+        _repair_rollouts,
+    ]
+    for part in parts:
+        try:
+            part(rt, stats)
+        except Exception:
+            stats["errors"] += 1
+            log.exception("reconcile: %s failed; the next pass tries again", part.__name__)
+    interesting = {k: v for k, v in stats.items() if k != "rollouts_checked"}
+    if interesting:
+        log.info("reconcile: %s", dict(stats))
+    return dict(stats)
+
+
+def _each(stats: Counter[str], what: str, ids: list[int], fn: Callable[[int], object]) -> None:
+    for item in ids:
+        try:
+            fn(item)
+        except Exception as exc:
+            stats[f"{what}_errors"] += 1
+            log.warning("reconcile: %s %s failed (%s); next pass", what, item, exc)
+
+
+def _start_due(rt: Runtime, stats: Counter[str]) -> None:
+    with rt.sessions() as session:
+        due = list(
+            session.scalars(
+                select(Rollout.id).where(
+                    Rollout.status == RolloutState.SCHEDULED,
+                    Rollout.start_at.is_not(None),
+                    Rollout.start_at <= utcnow(),
+                )
+            )
+        )
+
+    def start(rollout_id: int) -> None:
+        with rt.sessions() as session:
+            rollout = session.get_one(Rollout, rollout_id)
+            if rollout.status != RolloutState.SCHEDULED:
+                return
+            transition_rollout(session, rollout, RolloutEvent.START, actor="scheduler")
+            session.commit()
+        stats["started"] += 1
+        kick(rt, rollout_id)
+
+    _each(stats, "start", due, start)
+
+
+def _max_attempts(session: Session, rollout_ids: set[int]) -> dict[int, tuple[int, Callable[[int], float]]]:
+    out: dict[int, tuple[int, Callable[[int], float]]] = {}
+    for rid, created_at, policy in session.execute(
+        select(Rollout.id, Rollout.created_at, Rollout.policy).where(Rollout.id.in_(rollout_ids))
+    ):
+        parsed = policy_of(rid, created_at, policy)
+        out[rid] = (parsed.max_attempts, parsed.backoff)
+    return out
+
+
+def _time_out(rt: Runtime, stats: Counter[str]) -> None:
+    now = utcnow()
+    with rt.sessions() as session:
+        expired = session.execute(
+            select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.attempt, DeviceUpdate.rollout_id)
+            .where(DeviceUpdate.state.in_(UPDATE_IN_FLIGHT), DeviceUpdate.deadline_at < now)
+            .limit(BATCH)
+        ).all()
+        if not expired:
+            return
+        policies = _max_attempts(session, {r.rollout_id for r in expired})
+        ended: list[int] = []
+        retry_rollouts: set[int] = set()
+        groups: dict[tuple[UpdateState, bool], list[tuple[int, int, int]]] = defaultdict(list)
+        for r in expired:
+            max_attempts, _ = policies[r.rollout_id]
+            groups[(UpdateState(r.state), r.attempt < max_attempts)].append((r.id, r.attempt, r.rollout_id))
+        for (state, retry), rows in groups.items():
+            detail = {"stage_state": str(state)}
+            if retry:
+                # Same attempt number within a group is not guaranteed: one UPDATE per attempt value.
+                by_attempt: dict[int, list[int]] = defaultdict(list)
+                for update_id, attempt, rollout_id in rows:
+                    by_attempt[attempt].append(update_id)
+                    retry_rollouts.add(rollout_id)
+                for attempt, ids in by_attempt.items():
+                    backoffs = {policies[rid][1](attempt) for _, a, rid in rows if a == attempt}
+                    due = now + timedelta(seconds=min(backoffs))
+                    moved = bulk_transition_where(
+                        session,
+                        UpdateEvent.TIMEOUT_RETRY,
+                        state,
+                        DeviceUpdate.id.in_(ids),
+                        DeviceUpdate.deadline_at < now,
+                        values={"deadline_at": due},
+                        error_code="timeout",
+                        detail=detail,
+                    )
+                    stats["timed_out_retry"] += len(moved)
+            else:
+                moved = bulk_transition_where(
+                    session,
+                    UpdateEvent.TIMEOUT,
+                    state,
+                    DeviceUpdate.id.in_([i for i, _, _ in rows]),
+                    DeviceUpdate.deadline_at < now,
+                    error_code="timeout",
+                    detail=detail,
+                )
+                ended.extend(m.id for m in moved)
+                stats["timed_out"] += len(moved)
+        session.commit()
+    rt.marks.mark(*retry_rollouts)
+    if ended:
+        finalize(rt, ended)
+    _each(stats, "admit", sorted(retry_rollouts), lambda rid: admit(rt, rid))
+
+
+def _requeue_due(rt: Runtime, stats: Counter[str]) -> None:
+    with rt.sessions() as session:
+        moved = bulk_transition_where(
+            session,
+            UpdateEvent.REQUEUE,
+            UpdateState.RETRYING,
+            DeviceUpdate.deadline_at <= utcnow(),
+            values={"deadline_at": None},
+        )
+        session.commit()
+    if moved:
+        stats["requeued"] += len(moved)
+        rollouts = sorted({m.rollout_id for m in moved})
+        rt.marks.mark(*rollouts)
+        _each(stats, "admit", rollouts, lambda rid: admit(rt, rid))
+
+
+def _redrive(rt: Runtime, stats: Counter[str]) -> None:
+    now = utcnow()
+    stall = timedelta(seconds=rt.settings.stall_s)
+    stalled = DeviceUpdate.updated_at < now - stall
+    due = DeviceUpdate.redrive_at.is_(None) | (DeviceUpdate.redrive_at <= now)
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.updated_at)
+            .where(DeviceUpdate.state.in_([UpdateState.OFFERED, UpdateState.VERIFIED]), stalled, due)
+            .limit(BATCH)
+        ).all()
+        unfinalized = list(
+            session.scalars(
+                select(DeviceUpdate.id)
+                .where(
+                    DeviceUpdate.state.in_(UPDATE_END_STATES), DeviceUpdate.finalized_at.is_(None), stalled
+                )
+                .limit(BATCH)
+            )
+        )
+        if rows:
+            # The next re-send waits as long again as the row has been stalled (at most 10 min).
+            table = DeviceUpdate.__table__
+            session.connection().execute(
+                update(table)  # type: ignore[arg-type]
+                .where(table.c.id == bindparam("b_id"))
+                .values(redrive_at=bindparam("b_at")),
+                [
+                    {"b_id": r.id, "b_at": now + min(max(now - r.updated_at, stall), MAX_REDRIVE_GAP)}
+                    for r in rows
+                ],
+            )
+            session.commit()
+    offered = [r.id for r in rows if r.state == UpdateState.OFFERED]
+    verified = [r.id for r in rows if r.state == UpdateState.VERIFIED]
+    try:
+        if offered:
+            rt.dispatch.republish(offered)
+            stats["redrive_offer"] += len(offered)
+        if verified:
+            rt.dispatch.install(verified)
+            stats["redrive_install"] += len(verified)
+    except DispatchFailed as exc:
+        stats["redrive_dispatch_failed"] += 1
+        log.warning("reconcile: %s", exc)
+    if unfinalized:
+        stats["redrive_finalize"] += finalize(rt, unfinalized)
+
+
+def _repair_rollouts(rt: Runtime, stats: Counter[str]) -> None:
+    with rt.sessions() as session:
+        rollouts = session.execute(
+            select(Rollout.id, Rollout.status).where(Rollout.status.in_(_ACTIVE))
+        ).all()
+        running_waves = session.execute(
+            select(Wave.id, Wave.rollout_id).where(
+                Wave.status == WaveState.RUNNING, Wave.rollout_id.in_([r.id for r in rollouts])
+            )
+        ).all()
+    waves_of: dict[int, list[int]] = defaultdict(list)
+    for wave_id, rollout_id in running_waves:
+        waves_of[rollout_id].append(wave_id)
+
+    def repair(rollout_id: int) -> None:
+        status = next(s for i, s in rollouts if i == rollout_id)
+        stats["rollouts_checked"] += 1
+        rt.marks.mark(rollout_id)
+        waves = waves_of.get(rollout_id, [])
+        if status == RolloutState.RUNNING and not waves:
+            kick(rt, rollout_id)  # a lost kick: start the next wave, or complete
+            stats["kicked"] += 1
+            return
+        with rt.sessions() as session:
+            finished = [w for w in waves if not wave_is_open(session, w)]
+            queued = status == RolloutState.RUNNING and bool(
+                session.scalar(
+                    select(func.count()).where(
+                        DeviceUpdate.rollout_id == rollout_id, DeviceUpdate.state == UpdateState.QUEUED
+                    )
+                )
+            )
+            free = queued and in_flight_count(session, rollout_id) < _max_in_flight(session, rollout_id)
+        for wave_id in finished:
+            if close_wave(rt, wave_id) is not None:
+                stats["waves_closed"] += 1
+        if free and not finished:
+            stats["admitted"] += admit(rt, rollout_id)
+
+    candidates = [i for i, s in rollouts if waves_of.get(i) or s == RolloutState.RUNNING]
+    _each(stats, "rollout", candidates, repair)
+
+
+def _max_in_flight(session: Session, rollout_id: int) -> int:
+    rollout = session.get_one(Rollout, rollout_id)
+    return rollout_policy(rollout).max_in_flight

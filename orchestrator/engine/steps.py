@@ -1,0 +1,159 @@
+"""The install and finalize steps, and the re-publication of an offer; each acts on a batch of updates.
+
+* **install** (sent by ingest when a device reported VERIFIED): publish the install-stage desired
+  document to every update of the batch that is still VERIFIED. Its deadline was set when VERIFIED
+  was applied, so the step writes nothing and running it twice only repeats a retained publish.
+* **finalize** (sent when updates reached an end state): clear the device's desired document,
+  publish its final portal document, mark the row finalized, then check the failure threshold,
+  close waves that have nothing open and admit devices into the slots just freed.
+* **republish** (sent by the reconciler for updates that stay OFFERED): the download document again.
+
+A step that finds a row elsewhere than it expects leaves it alone: whatever moved it on also sent
+the step that follows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+
+from sqlalchemy import select, update
+
+from orchestrator.engine.admission import admit, firmware_of
+from orchestrator.engine.desired import clear_desired_message, desired_message
+from orchestrator.engine.runtime import Runtime
+from orchestrator.engine.waves import close_wave, halt_if_threshold_reached, wave_is_open
+from orchestrator.models import Device, DeviceUpdate, Rollout, utcnow
+from orchestrator.portal import device_message
+from orchestrator.protocol import Stage
+from orchestrator.state_machines import (
+    UPDATE_END_STATES,
+    UPDATE_FAILURE_STATES,
+    RolloutState,
+    UpdateState,
+)
+
+log = logging.getLogger(__name__)
+_DOWNLOAD_STAGE = (UpdateState.OFFERED, UpdateState.DOWNLOADING, UpdateState.DOWNLOADED)
+
+
+def _publish_stage(
+    rt: Runtime, update_ids: Sequence[int], states: Sequence[UpdateState], stage: Stage
+) -> int:
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(
+                DeviceUpdate.id, DeviceUpdate.attempt, DeviceUpdate.device_id, Rollout.firmware_id, Rollout.id
+            )
+            .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
+            .where(DeviceUpdate.id.in_(list(update_ids)), DeviceUpdate.state.in_(states))
+        ).all()
+    messages = [
+        desired_message(
+            rt.settings,
+            update_id=update_id,
+            attempt=attempt,
+            stage=stage,
+            device_id=device_id,
+            firmware=firmware_of(rt, firmware_id),
+        )
+        for update_id, attempt, device_id, firmware_id, _ in rows
+    ]
+    if messages:
+        rt.publisher.publish_many(messages)
+        rt.marks.mark(*{rollout_id for *_, rollout_id in rows})
+    return len(messages)
+
+
+def install(rt: Runtime, update_ids: Sequence[int]) -> int:
+    """Send the install stage to updates that are VERIFIED; returns how many were told."""
+    return _publish_stage(rt, update_ids, (UpdateState.VERIFIED,), Stage.INSTALL)
+
+
+def republish(rt: Runtime, update_ids: Sequence[int]) -> int:
+    """Send the download stage again to updates still in it (a lost or unread desired document)."""
+    return _publish_stage(rt, update_ids, _DOWNLOAD_STAGE, Stage.DOWNLOAD)
+
+
+def finalize(rt: Runtime, update_ids: Sequence[int]) -> int:
+    """End of each update's chain; returns how many were finalized now (duplicates count zero)."""
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(
+                DeviceUpdate.id,
+                DeviceUpdate.rollout_id,
+                DeviceUpdate.wave_id,
+                DeviceUpdate.device_id,
+                DeviceUpdate.state,
+                DeviceUpdate.attempt,
+                DeviceUpdate.progress,
+                DeviceUpdate.error_code,
+                DeviceUpdate.offered_at,
+            ).where(
+                DeviceUpdate.id.in_(list(update_ids)),
+                DeviceUpdate.state.in_(UPDATE_END_STATES),
+                DeviceUpdate.finalized_at.is_(None),
+            )
+        ).all()
+        if not rows:
+            return 0
+        versions = dict(
+            session.execute(
+                select(Device.id, Device.firmware_version).where(Device.id.in_({r.device_id for r in rows}))
+            ).all()
+        )
+    # Publish before marking finalized: a crash in between repeats idempotent publishes, never skips them.
+    messages: list[tuple[str, bytes]] = []
+    for r in rows:
+        messages.append(
+            device_message(
+                rollout_id=r.rollout_id,
+                device_id=r.device_id,
+                update_id=r.id,
+                state=str(r.state),
+                attempt=r.attempt,
+                progress=r.progress,
+                error=r.error_code,
+                running_version=versions.get(r.device_id),
+            )
+        )
+        if r.offered_at is not None:
+            messages.append(clear_desired_message(r.device_id))
+    rt.publisher.publish_many(messages)
+    with rt.sessions() as session:
+        done = session.execute(
+            update(DeviceUpdate)
+            .where(DeviceUpdate.id.in_([r.id for r in rows]), DeviceUpdate.finalized_at.is_(None))
+            .values(finalized_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        session.commit()
+    follow_up(rt, rows)
+    return int(done)
+
+
+def follow_up(rt: Runtime, rows: Sequence[object]) -> None:
+    """After updates ended: halt on too many failures, close emptied waves, refill free slots."""
+    by_rollout: dict[int, set[int]] = defaultdict(set)
+    failed: set[int] = set()
+    for r in rows:
+        rollout_id, wave_id, state = r.rollout_id, r.wave_id, r.state  # type: ignore[attr-defined]
+        if wave_id is not None:
+            by_rollout[rollout_id].add(wave_id)
+        else:
+            by_rollout.setdefault(rollout_id, set())
+        if state in UPDATE_FAILURE_STATES:
+            failed.add(rollout_id)
+    for rollout_id, wave_ids in by_rollout.items():
+        rt.marks.mark(rollout_id)
+        if rollout_id in failed:
+            halt_if_threshold_reached(rt, rollout_id)
+        closed = False
+        with rt.sessions() as session:
+            open_waves = {w for w in wave_ids if wave_is_open(session, w)}
+            status = session.scalar(select(Rollout.status).where(Rollout.id == rollout_id))
+        for wave_id in sorted(wave_ids - open_waves):
+            closed = close_wave(rt, wave_id) is not None or closed
+        if status == RolloutState.RUNNING and not closed:
+            admit(rt, rollout_id)
