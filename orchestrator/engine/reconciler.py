@@ -32,7 +32,7 @@ from orchestrator.engine.admission import admit, in_flight_count
 from orchestrator.engine.dispatch import DispatchFailed
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import finalize
-from orchestrator.engine.waves import close_wave, kick, policy_of, rollout_policy, wave_is_open
+from orchestrator.engine.waves import close_wave, kick, rollout_policy, wave_is_open
 from orchestrator.models import DeviceUpdate, Rollout, Wave, utcnow
 from orchestrator.state_machines import (
     UPDATE_END_STATES,
@@ -107,16 +107,6 @@ def _start_due(rt: Runtime, stats: Counter[str]) -> None:
     _each(stats, "start", due, start)
 
 
-def _max_attempts(session: Session, rollout_ids: set[int]) -> dict[int, tuple[int, Callable[[int], float]]]:
-    out: dict[int, tuple[int, Callable[[int], float]]] = {}
-    for rid, created_at, policy in session.execute(
-        select(Rollout.id, Rollout.created_at, Rollout.policy).where(Rollout.id.in_(rollout_ids))
-    ):
-        parsed = policy_of(rid, created_at, policy)
-        out[rid] = (parsed.max_attempts, parsed.backoff)
-    return out
-
-
 def _time_out(rt: Runtime, stats: Counter[str]) -> None:
     now = utcnow()
     with rt.sessions() as session:
@@ -125,54 +115,46 @@ def _time_out(rt: Runtime, stats: Counter[str]) -> None:
             .where(DeviceUpdate.state.in_(UPDATE_IN_FLIGHT), DeviceUpdate.deadline_at < now)
             .limit(BATCH)
         ).all()
-        if not expired:
-            return
-        policies = _max_attempts(session, {r.rollout_id for r in expired})
-        ended: list[int] = []
-        retry_rollouts: set[int] = set()
-        groups: dict[tuple[UpdateState, bool], list[tuple[int, int, int]]] = defaultdict(list)
-        for r in expired:
-            max_attempts, _ = policies[r.rollout_id]
-            groups[(UpdateState(r.state), r.attempt < max_attempts)].append((r.id, r.attempt, r.rollout_id))
-        for (state, retry), rows in groups.items():
-            detail = {"stage_state": str(state)}
-            if retry:
-                # Same attempt number within a group is not guaranteed: one UPDATE per attempt value.
-                by_attempt: dict[int, list[int]] = defaultdict(list)
-                for update_id, attempt, rollout_id in rows:
-                    by_attempt[attempt].append(update_id)
-                    retry_rollouts.add(rollout_id)
-                for attempt, ids in by_attempt.items():
-                    backoffs = {policies[rid][1](attempt) for _, a, rid in rows if a == attempt}
-                    due = now + timedelta(seconds=min(backoffs))
-                    moved = bulk_transition_where(
-                        session,
-                        UpdateEvent.TIMEOUT_RETRY,
-                        state,
-                        DeviceUpdate.id.in_(ids),
-                        DeviceUpdate.deadline_at < now,
-                        values={"deadline_at": due},
-                        error_code="timeout",
-                        detail=detail,
-                    )
-                    stats["timed_out_retry"] += len(moved)
-            else:
+    by_rollout: dict[int, list[tuple[int, UpdateState, int]]] = defaultdict(list)
+    for r in expired:
+        by_rollout[r.rollout_id].append((r.id, UpdateState(r.state), r.attempt))
+    ended: list[int] = []
+    retrying: set[int] = set()
+
+    def time_out(rollout_id: int) -> None:
+        groups: dict[tuple[UpdateState, int], list[int]] = defaultdict(list)
+        for update_id, state, attempt in by_rollout[rollout_id]:
+            groups[(state, attempt)].append(update_id)
+        with rt.sessions() as session:
+            policy = rollout_policy(session.get_one(Rollout, rollout_id))
+            for (state, attempt), ids in groups.items():
+                retry = attempt < policy.max_attempts
+                due = now + timedelta(seconds=policy.backoff(attempt))
+                # The deadline in the WHERE clause too: a report that moved the row on meanwhile wins.
                 moved = bulk_transition_where(
                     session,
-                    UpdateEvent.TIMEOUT,
+                    UpdateEvent.TIMEOUT_RETRY if retry else UpdateEvent.TIMEOUT,
                     state,
-                    DeviceUpdate.id.in_([i for i, _, _ in rows]),
+                    DeviceUpdate.id.in_(ids),
                     DeviceUpdate.deadline_at < now,
+                    values={"deadline_at": due} if retry else None,
                     error_code="timeout",
-                    detail=detail,
+                    detail={"stage_state": str(state)},
                 )
-                ended.extend(m.id for m in moved)
-                stats["timed_out"] += len(moved)
-        session.commit()
-    rt.marks.mark(*retry_rollouts)
+                if retry:
+                    stats["timed_out_retry"] += len(moved)
+                    if moved:
+                        retrying.add(rollout_id)
+                else:
+                    stats["timed_out"] += len(moved)
+                    ended.extend(m.id for m in moved)
+            session.commit()
+
+    _each(stats, "timeout", sorted(by_rollout), time_out)
+    rt.marks.mark(*retrying)
     if ended:
         finalize(rt, ended)
-    _each(stats, "admit", sorted(retry_rollouts), lambda rid: admit(rt, rid))
+    _each(stats, "admit", sorted(retrying), lambda rid: admit(rt, rid))
 
 
 def _requeue_due(rt: Runtime, stats: Counter[str]) -> None:

@@ -274,7 +274,8 @@ class IngestService:
                 self.dispatch.finalize(outcome.finalize_ids)
             for rollout_id in sorted(outcome.retry_rollouts):
                 self.dispatch.offer(rollout_id)
-            self._recovered("celery broker")
+            if outcome.install_ids or outcome.finalize_ids or outcome.retry_rollouts:
+                self._recovered("celery broker")
         except DispatchFailed as exc:
             self.stats["dispatch_failed"] += 1
             self._failing("celery broker", f"{exc}; the reconciler re-sends the steps")
