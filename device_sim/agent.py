@@ -25,7 +25,7 @@ from device_sim.mqtt_link import MqttLink
 from device_sim.profiles import JobPlan, is_silent
 from device_sim.state_store import AgentState, Job, MemoryStateStore, Phase, StateStore
 from device_sim.steps import UpdateSteps
-from orchestrator.protocol import DEVICE_ID_PATTERN, Desired, ErrorCode, ReportState, Stage
+from orchestrator.protocol import DEVICE_ID_PATTERN, Desired, ErrorCode, ReportState, Stage, report_topic
 
 __all__ = ["AGENT_VERSION", "AgentContext", "AgentStats", "DeviceAgent", "load_public_key"]
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class DeviceAgent(UpdateSteps):
         "_deferred",
         "_held",
         "_job",
+        "_last_report",
         "_plan",
         "_task",
         "ctx",
@@ -82,9 +83,10 @@ class DeviceAgent(UpdateSteps):
             on_message=self._on_desired,
             info=self._info_payload,
             gate=ctx.connect_gate,
-            on_connect=ctx.on_connect,
+            on_connect=self._on_connect,
             keepalive=ctx.keepalive,
         )
+        self._last_report: bytes | None = None  # the latest report sent, for a reconnect
         self._job: Job | None = None
         self._task: asyncio.Task[None] | None = None
         self._deferred: bytes | None = None  # desired payload received during install/reboot
@@ -128,6 +130,14 @@ class DeviceAgent(UpdateSteps):
         Persisted state is left exactly as it was."""
         self._cancel_task()
         self.link.abort()
+
+    def _on_connect(self, count: int) -> None:
+        if self.ctx.on_connect is not None:
+            self.ctx.on_connect(count)
+        if count > 1 and self._last_report is not None:
+            # A broker that crashed may have lost reports it had already acknowledged: say again
+            # where the latest update stands. Same seq, so a receiver that has it ignores it.
+            self.link.send(report_topic(self.device_id), self._last_report)
 
     # ------------------------------------------------------------ desired documents
     def _on_desired(self, payload: bytes) -> None:

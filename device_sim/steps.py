@@ -47,6 +47,7 @@ class UpdateSteps:
     _job: Job | None
     _plan: JobPlan | None
     _held: bytes | None
+    _last_report: bytes | None
 
     # ------------------------------------------------------------ steps
     async def _download_and_verify(self, job: Job) -> bool:
@@ -259,6 +260,7 @@ class UpdateSteps:
             ts=time.time(),
         ).to_payload()
         self.ctx.stats.reports[state.value] += 1
+        self._last_report = payload
         topic = report_topic(self.device_id)
         plan = self._plan
         if plan is not None and plan.rng is not None:

@@ -2,9 +2,9 @@
 
 Used by ``fleet up``. Call :meth:`Supervisor.check` periodically from the thread that started the
 children (their parent-death signal is tied to that thread). A child that exits is restarted after
-a short backoff that doubles with each recent restart; a child that dies more than
-``max_restarts`` times within ``window`` seconds, or an essential child (a server others depend
-on, whose state would be lost), makes :meth:`check` raise :class:`SupervisionError`.
+a short backoff that doubles with each recent restart (up to ``max_backoff``); a child that dies
+more than ``max_restarts`` times within ``window`` seconds (unless that is None: never give up),
+or a child added with ``restart=False``, makes :meth:`check` raise :class:`SupervisionError`.
 :meth:`stop_all` stops the children in the reverse order of :meth:`add`.
 """
 
@@ -61,7 +61,7 @@ class Supervisor:
     def __init__(
         self,
         *,
-        max_restarts: int = 5,
+        max_restarts: int | None = 5,
         window: float = 60.0,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
@@ -129,7 +129,7 @@ class Supervisor:
                 if not entry.restart:
                     raise SupervisionError(f"{entry.name} exited with status {code}; it cannot be restarted")
                 self._forget_old(entry, now)
-                if len(entry.restarts) >= self.max_restarts:
+                if self.max_restarts is not None and len(entry.restarts) >= self.max_restarts:
                     raise SupervisionError(
                         f"{entry.name} exited with status {code}; it died {len(entry.restarts) + 1} times "
                         f"within {self.window:.0f}s, giving up"
@@ -147,7 +147,7 @@ class Supervisor:
                 entry.last_pid = process.pid
                 self.on_event(
                     f"{entry.name} restarted as pid {process.pid} "
-                    f"(restart {len(entry.restarts)} of at most {self.max_restarts} per {self.window:.0f}s)"
+                    f"({len(entry.restarts)} restart(s) within {self.window:.0f}s)"
                 )
                 if self.on_restart is not None:
                     self.on_restart(entry.name)

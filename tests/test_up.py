@@ -162,6 +162,66 @@ def test_up_restarts_a_killed_worker_and_stops_cleanly_on_sigterm(
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_up_demo_survives_killing_redis_and_the_broker(
+    tmp_path: Path, up_env: tuple[str, dict[str, str]]
+) -> None:
+    import sqlite3
+
+    mark, env = up_env
+    data_dir = tmp_path / "up"
+    log = (tmp_path / "up.out").open("w")
+    proc = subprocess.Popen(
+        _fleet_up_argv(data_dir, "--simulate", "40", "--demo", "--exit-when-done"),
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    stack_file = data_dir / "stack.json"
+
+    def succeeded() -> int:
+        try:
+            with sqlite3.connect(data_dir / "fleet.db", timeout=5) as db:
+                return int(
+                    db.execute("SELECT count(*) FROM device_updates WHERE state = 'SUCCEEDED'").fetchone()[0]
+                )
+        except sqlite3.Error:
+            return 0
+
+    def pid_of(name: str) -> int:
+        return int(json.loads(stack_file.read_text())["processes"][name])
+
+    try:
+        deadline = time.monotonic() + 120
+        while not stack_file.exists() or succeeded() < 3:
+            assert proc.poll() is None, (tmp_path / "up.out").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the demo rollout did not get going"
+            time.sleep(0.2)
+        # When Redis, then the broker are killed outright mid-rollout
+        for name in ("redis", "broker"):
+            old = pid_of(name)
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while pid_of(name) == old or not _alive(pid_of(name)):
+                assert proc.poll() is None, (tmp_path / "up.out").read_text()[-4000:]
+                assert time.monotonic() < deadline, f"{name} was not restarted"
+                time.sleep(0.2)
+        # Then the demo still ends with every device updated
+        assert proc.wait(240) == 0, (tmp_path / "up.out").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    output = (tmp_path / "up.out").read_text()
+    assert "rollout ended COMPLETED; all devices updated" in output
+    assert "redis restarted as pid" in output and "broker restarted as pid" in output
+    assert not _wait_gone(mark, data_dir), "processes left behind"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_cli_in_the_same_directory_finds_the_running_demo(
     tmp_path: Path, up_env: tuple[str, dict[str, str]]

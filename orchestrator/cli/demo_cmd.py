@@ -69,24 +69,26 @@ def demo(
     raise typer.Exit(run_up(options))
 
 
-def run_demo(database_url: str, data_dir: Path, devices: int, waves: str) -> bool:
-    """Upload the sample firmware, roll it out over ``devices`` devices with live bars, print a
-    summary; True if every device ended on the new version."""
+def run_demo(settings: Settings, data_dir: Path, devices: int, waves: str) -> bool:
+    """Upload the sample firmware (signed with ``settings``' key), roll it out over ``devices``
+    devices with live bars, print a summary; True if every device ended on the new version."""
     image, manifest = _sample("sensor-v2", "1.1.0")
-    status = _run_rollout(database_url, data_dir, devices, image, manifest, waves)
-    ok = _summary(database_url, devices, manifest["version"])
+    status = _run_rollout(settings, data_dir, devices, image, manifest, waves)
+    ok = _summary(settings.database_url, devices, manifest["version"])
     console.print(f"rollout ended {status}; {'all devices updated' if ok else 'NOT all devices updated'}")
     return ok
 
 
 def _run_rollout(
-    database_url: str,
+    settings: Settings,
     data_dir: Path,
     devices: int,
     image: Path,
     manifest: dict[str, Any],
     waves: str,
 ) -> str:
+    database_url = settings.database_url
+
     def registered() -> bool:
         with session_scope(database_url) as session:
             return (session.scalar(select(func.count()).select_from(Device)) or 0) >= devices
@@ -94,7 +96,6 @@ def _run_rollout(
     if not wait_until(registered, timeout=120):
         console.print(f"[red]devices did not register in time[/]; see {data_dir / 'logs' / 'ingest.log'}")
         return "NOT STARTED"
-    settings = Settings(database_url=database_url, firmware_dir=data_dir / "firmware", env="development")
     specs: list[str | int] = [w.strip() for w in waves.split(",")]
     with session_scope(database_url) as session, image.open("rb") as stream:
         fw = add_firmware(
@@ -103,7 +104,6 @@ def _run_rollout(
             stream,
             model=manifest["model"],
             version=manifest["version"],
-            signature=manifest["signature"],
         )
         rollout = create_rollout(
             session,

@@ -7,16 +7,18 @@ then the API, ingest, a Celery worker and beat, and with ``--simulate N`` a simu
 prints the URLs, an operator API token and the portal's MQTT credentials, and writes them to
 ``<data-dir>/stack.json`` (mode 0600).
 
-A child that dies is restarted (with backoff, at most a few times a minute); Redis or the broker
-dying ends the run, since their state cannot be recovered. Ctrl-C or SIGTERM stops everything in
-reverse order. ``--demo`` runs a 3-wave rollout of the sample firmware over the simulated fleet.
+A child that dies is restarted with backoff (never given up on: a crash loop is reported and
+retried at most every 30 s). Redis (AOF) and Mosquitto keep their data in the data dir and come
+back on the same ports, so killing either only slows a rollout down. The stack's secrets (download
+token key, firmware signing key pair, Redis and broker passwords) are generated once per data dir
+and kept there with mode 0600. Ctrl-C or SIGTERM stops everything in reverse order. ``--demo`` runs
+a 3-wave rollout of the sample firmware over the simulated fleet.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -24,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -32,6 +34,10 @@ from rich.console import Console
 from orchestrator.embedded import MqttUser, RedisServer, Role, cleanup_stale, start_broker
 from orchestrator.embedded.mqtt_broker import BrokerPreference, MqttBroker
 from orchestrator.embedded.process import ManagedProcess, process_alive, process_start_ticks
+from orchestrator.embedded.stack_secrets import StackSecrets
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
 from orchestrator.local_stack import LocalStack, StackSettings
 from orchestrator.supervisor import SupervisionError, Supervisor
 
@@ -42,7 +48,16 @@ STACK_FILE = "stack.json"
 # The API's conventional port, used when free so that URLs in docs and habits work.
 PREFERRED_API_PORT = 8000
 # Files and directories of a data dir that a fresh demo removes (nothing else is touched).
-_RESETTABLE = ("fleet.db", "fleet.db-wal", "fleet.db-shm", "firmware", "logs", "celerybeat-schedule")
+_RESETTABLE = (
+    "fleet.db",
+    "fleet.db-wal",
+    "fleet.db-shm",
+    "firmware",
+    "logs",
+    "celerybeat-schedule",
+    "redis",
+    "mqtt",
+)
 
 
 @dataclass
@@ -124,13 +139,22 @@ def _refuse_if_running(data_dir: Path) -> None:
         raise typer.BadParameter(f"another `fleet up` (pid {pid}) is running on {data_dir}")
 
 
-def _users(device_ids: list[str], device_secret: str) -> tuple[MqttUser, MqttUser, list[MqttUser]]:
+def _users(device_ids: list[str], keys: StackSecrets) -> tuple[MqttUser, MqttUser, list[MqttUser]]:
     from device_sim.mqtt_link import derive_device_password
 
-    service = MqttUser(SERVICE_USER, secrets.token_urlsafe(24), Role.SERVICE)
-    portal = MqttUser(PORTAL_USER, secrets.token_urlsafe(24), Role.PORTAL)
-    devices = [MqttUser(d, derive_device_password(device_secret, d), Role.DEVICE) for d in device_ids]
+    service = MqttUser(SERVICE_USER, keys.service_password, Role.SERVICE)
+    portal = MqttUser(PORTAL_USER, keys.portal_password, Role.PORTAL)
+    devices = [MqttUser(d, derive_device_password(keys.device_secret, d), Role.DEVICE) for d in device_ids]
     return service, portal, devices
+
+
+def _private_files(data_dir: Path) -> None:
+    """0700 for the data directory, 0600 for what an earlier, laxer run may have left readable."""
+    data_dir.chmod(0o700)
+    for path in data_dir.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(0o700 if path.is_dir() else path.stat().st_mode & 0o700)
 
 
 def _operator_token(database_url: str) -> str:
@@ -163,10 +187,11 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sim_process(options: UpOptions, data_dir: Path, broker_url: str, env: dict[str, str]) -> ManagedProcess:
+def _sim_process(
+    options: UpOptions, data_dir: Path, broker_url: str, env: dict[str, str], public_key: Path
+) -> ManagedProcess:
     from device_sim.fleet import FleetConfig
     from orchestrator.cli.demo_cmd import DEMO_SPEED
-    from orchestrator.config import DEV_PUBLIC_KEY
 
     config = FleetConfig(
         broker_url=broker_url,
@@ -174,7 +199,7 @@ def _sim_process(options: UpOptions, data_dir: Path, broker_url: str, env: dict[
         model="sensor-v2",
         version="1.0.0",
         profile=options.profile,
-        public_key=DEV_PUBLIC_KEY,
+        public_key=public_key,
     )
     if options.profile != "instant":
         # Real downloads and reboots, sped up so a rollout takes seconds, not minutes.
@@ -213,13 +238,20 @@ def run_up(options: UpOptions) -> int:
             raise _Stop(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Everything the stack writes (database, logs, keys, broker files) is the user's alone.
+    os.umask(0o077)
     data_dir = _prepare_data_dir(options)
     run_dir, log_dir = data_dir / "run", data_dir / "logs"
     database_url = f"sqlite:///{data_dir / 'fleet.db'}"
     device_ids = FleetConfig(devices=options.simulate).ids()
-    device_secret = secrets.token_hex(32)
-    service, portal, device_users = _users(device_ids, device_secret)
-    supervisor = Supervisor(on_event=lambda line: console.print(f"[yellow]supervisor:[/] {line}"))
+    keys = StackSecrets.load_or_create(data_dir)
+    service, portal, device_users = _users(device_ids, keys)
+    # Never give up on a child: a crash loop backs off (up to 30 s) and is reported, the stack stays up.
+    supervisor = Supervisor(
+        max_restarts=None,
+        max_backoff=30.0,
+        on_event=lambda line: console.print(f"[yellow]supervisor:[/] {line}"),
+    )
     redis_server: RedisServer | None = None
     broker: MqttBroker | None = None
     stack: LocalStack | None = None
@@ -227,12 +259,22 @@ def run_up(options: UpOptions) -> int:
     code = 0
     try:
         with console.status("starting Redis and the MQTT broker…"):
-            redis_server = RedisServer(run_dir=run_dir).start()
+            # Persistent, so that a restart of either costs seconds, not the stack's work in progress.
+            redis_server = RedisServer(
+                run_dir=run_dir, data_dir=data_dir / "redis", appendonly=True, password=keys.redis_password
+            ).start()
             users = [service, portal, *device_users]
-            broker = start_broker(options.broker, run_dir=run_dir, users=users, allow_anonymous=False)
-        supervisor.add("redis", _ServerChild(redis_server), restart=False, stop=redis_server.stop)
-        supervisor.add("broker", _ServerChild(broker), restart=False, stop=broker.stop)
+            broker = start_broker(
+                options.broker,
+                run_dir=run_dir,
+                users=users,
+                allow_anonymous=False,
+                data_dir=data_dir / "mqtt",
+            )
+        supervisor.add("redis", _ServerChild(redis_server), stop=redis_server.stop)
+        supervisor.add("broker", _ServerChild(broker), stop=broker.stop)
         upgrade_database(database_url)
+        _private_files(data_dir)
         engine_client.use_settings(Settings(redis_url=redis_server.url, database_url=database_url))
         token = _operator_token(database_url)
         settings = StackSettings(
@@ -242,6 +284,9 @@ def run_up(options: UpOptions) -> int:
             mqtt_url=broker.url,
             shared_subscriptions=broker.supports_mqtt5,
             extra_env={
+                "FLEET_SECRET_KEY": keys.secret_key,
+                "FLEET_SIGNING_KEY_PATH": str(keys.signing_key),
+                "FLEET_PUBLIC_KEY_PATH": str(keys.public_key),
                 "FLEET_MQTT_USERNAME": service.username,
                 "FLEET_MQTT_PASSWORD": service.password,
                 "FLEET_PORTAL_MQTT_WS_URL": broker.ws_url,
@@ -258,9 +303,11 @@ def run_up(options: UpOptions) -> int:
         if options.simulate:
             env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
             env.update(
-                PYTHONUNBUFFERED="1", FLEET_DATA_DIR=str(data_dir), FLEET_DEVICE_PASSWORD_SECRET=device_secret
+                PYTHONUNBUFFERED="1",
+                FLEET_DATA_DIR=str(data_dir),
+                FLEET_DEVICE_PASSWORD_SECRET=keys.device_secret,
             )
-            sim = _sim_process(options, data_dir, broker.url, env)
+            sim = _sim_process(options, data_dir, broker.url, env, keys.public_key)
             with console.status(f"connecting {options.simulate} simulated devices…"):
                 sim.start()
                 supervisor.add("sim", sim)
@@ -292,7 +339,14 @@ def run_up(options: UpOptions) -> int:
         starting = False
         if stop.is_set():
             raise _Stop("signal")
-        code = _supervise(options, supervisor, stop, info, data_dir, database_url)
+        demo_settings = Settings(
+            database_url=database_url,
+            firmware_dir=data_dir / "firmware",
+            signing_key_path=keys.signing_key,
+            public_key_path=keys.public_key,
+            env="development",
+        )
+        code = _supervise(options, supervisor, stop, info, data_dir, demo_settings)
     except _Stop as exc:
         console.print(f"{exc}: stopping")
         code = 130
@@ -323,7 +377,8 @@ def run_up(options: UpOptions) -> int:
 
 
 class _ServerChild:
-    """Adapts a Redis server or broker object to the supervisor (watched, never restarted)."""
+    """Adapts a Redis server or broker object to the supervisor: restarted on the same ports, with
+    its persistent data (Redis AOF, Mosquitto's persistence file)."""
 
     def __init__(self, server: RedisServer | MqttBroker) -> None:
         self._server = server
@@ -341,7 +396,7 @@ class _ServerChild:
         return self._server.is_running()
 
     def start(self) -> None:
-        raise SupervisionError("embedded servers are not restarted")
+        self._server.restart()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._server.stop(timeout)
@@ -385,7 +440,7 @@ def _supervise(
     stop: threading.Event,
     info: dict[str, Any],
     data_dir: Path,
-    database_url: str,
+    demo_settings: Settings,
 ) -> int:
     """Watch the children until a signal (0), or with --exit-when-done the end of the demo."""
     demo_result: list[bool] = []
@@ -395,7 +450,7 @@ def _supervise(
         from orchestrator.cli.demo_cmd import run_demo as demo_rollout
 
         try:
-            demo_result.append(demo_rollout(database_url, data_dir, options.simulate, options.waves))
+            demo_result.append(demo_rollout(demo_settings, data_dir, options.simulate, options.waves))
         except BaseException as exc:  # the thread must always report back
             console.print(f"[red]demo failed:[/] {exc!r}")
             demo_result.append(False)

@@ -43,6 +43,7 @@ MIN_MOSQUITTO_VERSION = (2, 0)
 class BrokerOptions(TypedDict, total=False):
     """Keyword arguments common to every embedded broker (see :class:`MqttBroker`)."""
 
+    data_dir: Path | None
     host: str
     port: int | None
     ws_port: int | None
@@ -181,6 +182,8 @@ class MqttBroker(ABC):
     ACLs for ``users``; ``allow_anonymous`` then still admits clients without a username, but
     they get no topic at all. Without auth every client may do anything. ``port``/``ws_port``
     default to free loopback ports. ``run_dir`` holds the PID file and a private directory.
+    With ``data_dir`` (Mosquitto) retained messages and persistent sessions are kept there and
+    survive :meth:`restart`, which brings the broker back on the same ports.
     """
 
     kind: BrokerKind
@@ -198,8 +201,10 @@ class MqttBroker(ABC):
         run_dir: Path | None = None,
         startup_timeout: float = 20.0,
         die_with_parent: bool = True,
+        data_dir: Path | None = None,
     ) -> None:
         self.host = host
+        self.data_dir = data_dir
         self._fixed_ports = (port, ws_port)
         self.port: int = port or 0
         self._ws_port: int = ws_port or 0
@@ -293,6 +298,18 @@ class MqttBroker(ABC):
                     raise
         raise AssertionError("unreachable")
 
+    def restart(self) -> None:
+        """Start the broker process again (after it died or was stopped) on the same ports, with the
+        same users; with a ``data_dir`` its retained messages and sessions come back too."""
+        if self._process is None or self._dir is None:
+            raise RuntimeError("broker was never started")
+        self._process.stop()
+        self._fixed_ports = (self.port, self._ws_port)
+        if self.auth:
+            self._write_auth()
+        self._process.start()
+        self._process.wait_ready(self.is_ready, self.startup_timeout, interval=0.1)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL) and remove its private directory. Idempotent."""
         if self._process is not None:
@@ -384,7 +401,7 @@ def find_mosquitto() -> Path | None:
 
 
 class MosquittoBroker(MqttBroker):
-    """Mosquitto (2.0 or later) with a TCP and a WebSocket listener and no persistence.
+    """Mosquitto (2.0 or later) with a TCP and a WebSocket listener; persistent with a ``data_dir``.
 
     ``extra_config`` lines are appended to the generated configuration file.
     """
@@ -413,7 +430,6 @@ class MosquittoBroker(MqttBroker):
             "per_listener_settings false",
             # Run as root, mosquitto would switch to user 'mosquitto', who cannot read our files.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
-            "persistence false",
             # The ingest's persistent session must not lose reports while it catches up.
             "max_queued_messages 1000000",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
@@ -423,6 +439,12 @@ class MosquittoBroker(MqttBroker):
             "connection_messages false",
             "set_tcp_nodelay true",
         ]
+        if self.data_dir is not None:
+            # Retained desired documents, portal topics and queued reports survive a restart.
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            lines += ["persistence true", f"persistence_location {self.data_dir}/", "autosave_interval 1"]
+        else:
+            lines.append("persistence false")
         if self.auth:
             password_file, acl_file = self._auth_paths()
             lines += [f"password_file {password_file}", f"acl_file {acl_file}"]
@@ -438,7 +460,8 @@ class AmqttBroker(MqttBroker):
     """amqtt in a child process (``python -m orchestrator.embedded.amqtt_runner``).
 
     Limits (amqtt 0.12): MQTT 3.1.1 only, far slower than Mosquitto, duplicate deliveries for
-    overlapping subscriptions, last will only on abrupt disconnects. Unlike amqtt's stock
+    overlapping subscriptions, last will only on abrupt disconnects, nothing kept on disk (a
+    ``data_dir`` is ignored: a restart loses retained messages and sessions). Unlike amqtt's stock
     plugins, ours keep queued QoS 1 messages of persistent sessions with anonymous access on.
     """
 

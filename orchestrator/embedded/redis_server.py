@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 from .ports import LOOPBACK, free_port
 from .process import ManagedProcess, ProcessStartError
@@ -108,12 +109,22 @@ def find_redis_server(min_version: tuple[int, int, int] = MIN_REDIS_VERSION) -> 
     )
 
 
-def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis server on ``host:port`` answers PING with PONG."""
+def redis_ping(host: str, port: int, timeout: float = 0.5, password: str | None = None) -> bool:
+    """True when a Redis server on ``host:port`` answers PING with PONG (after AUTH when given)."""
+    command = b"*1\r\n$4\r\nPING\r\n"
+    if password is not None:
+        secret = password.encode()
+        command = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret) + command
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(command)
+            answer = b""
+            while b"PONG" not in answer and not answer.startswith(b"-") and len(answer) < 256:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                answer += chunk
+            return b"+PONG" in answer
     except OSError:
         return False
 
@@ -125,6 +136,8 @@ class RedisServer:
     (see :func:`orchestrator.embedded.process.cleanup_stale`); ``data_dir`` defaults to a fresh
     directory inside it that :meth:`stop` removes. ``appendonly=True`` turns on AOF persistence
     (fsync every second), which only makes sense with a ``data_dir`` that outlives the server.
+    With ``password`` clients must AUTH (the :attr:`url` carries it). :meth:`restart` brings a
+    stopped or dead server back on the same port and data directory.
     """
 
     kind = "redis"
@@ -141,7 +154,9 @@ class RedisServer:
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 15.0,
         die_with_parent: bool = True,
+        password: str | None = None,
     ) -> None:
+        self.password = password
         self.executable = Path(executable) if executable is not None else find_redis_server()
         version = server_version(self.executable)
         if version is None or version < MIN_REDIS_VERSION:
@@ -165,7 +180,8 @@ class RedisServer:
         """``redis://host:port/0``. Precondition: started."""
         if not self.port:
             raise RuntimeError("server not started")
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -178,7 +194,7 @@ class RedisServer:
 
     def ping(self) -> bool:
         """True when the server answers PING."""
-        return bool(self.port) and redis_ping(self.host, self.port)
+        return bool(self.port) and redis_ping(self.host, self.port, password=self.password)
 
     def start(self) -> RedisServer:
         """Start the server and wait until it answers PING. Returns self.
@@ -215,7 +231,37 @@ class RedisServer:
                     raise
         raise AssertionError("unreachable")
 
+    def restart(self) -> None:
+        """Start the server process again on the same port and data directory."""
+        if self._process is None:
+            raise RuntimeError("server was never started")
+        self._process.stop()
+        self._fixed_port = self.port
+        self._process = ManagedProcess(
+            self._argv(),
+            name=f"redis-{self.port}",
+            pid_file=self._process.pid_file,
+            log_file=self._process.log_file,
+            marker=self.executable.name,
+            die_with_parent=self.die_with_parent,
+            cleanup_dir=self._private_dir,
+        )
+        self._process.start()
+        self._process.wait_ready(self.ping, self.startup_timeout)
+
     def _argv(self) -> list[str]:
+        assert self.data_dir is not None and self._private_dir is not None
+        argv = self._base_argv()
+        if self.password:
+            # In a 0600 file, not on the command line, where every local user could read it.
+            conf = self._private_dir / "auth.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as stream:
+                stream.write(f'requirepass "{self.password}"\n')
+            argv.insert(1, str(conf))
+        return [*argv, *self.extra_args]
+
+    def _base_argv(self) -> list[str]:
         assert self.data_dir is not None
         return [
             str(self.executable),
@@ -229,7 +275,6 @@ class RedisServer:
             "--logfile", "",
             "--loglevel", "warning",
             "--databases", "16",
-            *self.extra_args,
         ]  # fmt: skip
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -6,10 +6,12 @@ Each pass, every part on its own (a failure in one row or one part is logged and
 - times out in-flight updates past their stage deadline (the download deadline is set at offer,
   the install deadline when VERIFIED is applied): a retry when attempts remain, else TIMED_OUT;
 - requeues RETRYING updates whose backoff has passed (their deadline is the retry time);
-- re-sends the step of every update that stopped moving for ``FLEET_STALL_S`` although the next
-  move is ours: OFFERED (publish the offer again), VERIFIED (install), ended but not finalized
-  (finalize). Each re-send pushes the next one out by as long as the row has been stalled, so a
-  device that is merely offline costs a handful of publishes, not one per pass;
+- re-sends the step of every update that stopped moving: after ``FLEET_STALL_S`` when the next
+  move is ours (OFFERED: publish the offer again; VERIFIED: install; ended but not finalized:
+  finalize), after three times that while the device is busy (its stage document again, which a
+  device that moved on answers with its current state: a report lost in a broker crash comes
+  back). Each re-send pushes the next one out by as long as the row has been stalled, so a device
+  that is merely offline or slow costs a handful of publishes, not one per pass;
 - moves rollouts on: kicks RUNNING rollouts without a running wave, closes running waves with
   nothing open, admits queued devices into free slots, and marks active rollouts for a portal refresh.
 
@@ -174,22 +176,42 @@ def _requeue_due(rt: Runtime, stats: Counter[str]) -> None:
         _each(stats, "admit", rollouts, lambda rid: admit(rt, rid))
 
 
+# The next move is ours (publish the offer, send the install): re-send after FLEET_STALL_S.
+_OUR_MOVE = (UpdateState.OFFERED, UpdateState.VERIFIED)
+# The device is busy (downloading, installing, rebooting): ask again only after a longer silence.
+_DEVICE_BUSY = (
+    UpdateState.DOWNLOADING,
+    UpdateState.DOWNLOADED,
+    UpdateState.INSTALLING,
+    UpdateState.REBOOTING,
+)
+BUSY_STALL_FACTOR = 3
+
+
 def _redrive(rt: Runtime, stats: Counter[str]) -> None:
     now = utcnow()
     stall = timedelta(seconds=rt.settings.stall_s)
-    stalled = DeviceUpdate.updated_at < now - stall
     due = DeviceUpdate.redrive_at.is_(None) | (DeviceUpdate.redrive_at <= now)
     with rt.sessions() as session:
         rows = session.execute(
             select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.updated_at)
-            .where(DeviceUpdate.state.in_([UpdateState.OFFERED, UpdateState.VERIFIED]), stalled, due)
+            .where(
+                (DeviceUpdate.state.in_(_OUR_MOVE) & (DeviceUpdate.updated_at < now - stall))
+                | (
+                    DeviceUpdate.state.in_(_DEVICE_BUSY)
+                    & (DeviceUpdate.updated_at < now - stall * BUSY_STALL_FACTOR)
+                ),
+                due,
+            )
             .limit(BATCH)
         ).all()
         unfinalized = list(
             session.scalars(
                 select(DeviceUpdate.id)
                 .where(
-                    DeviceUpdate.state.in_(UPDATE_END_STATES), DeviceUpdate.finalized_at.is_(None), stalled
+                    DeviceUpdate.state.in_(UPDATE_END_STATES),
+                    DeviceUpdate.finalized_at.is_(None),
+                    DeviceUpdate.updated_at < now - stall,
                 )
                 .limit(BATCH)
             )
@@ -207,12 +229,12 @@ def _redrive(rt: Runtime, stats: Counter[str]) -> None:
                 ],
             )
             session.commit()
-    offered = [r.id for r in rows if r.state == UpdateState.OFFERED]
     verified = [r.id for r in rows if r.state == UpdateState.VERIFIED]
+    others = [r.id for r in rows if r.state != UpdateState.VERIFIED]
     try:
-        if offered:
-            rt.dispatch.republish(offered)
-            stats["redrive_offer"] += len(offered)
+        if others:
+            rt.dispatch.republish(others)
+            stats["redrive_republish"] += len(others)
         if verified:
             rt.dispatch.install(verified)
             stats["redrive_install"] += len(verified)

@@ -6,7 +6,9 @@
 * **finalize** (sent when updates reached an end state): clear the device's desired document,
   publish its final portal document, mark the row finalized, then check the failure threshold,
   close waves that have nothing open and admit devices into the slots just freed.
-* **republish** (sent by the reconciler for updates that stay OFFERED): the download document again.
+* **republish** (sent by the reconciler for updates that stopped moving): the document of the
+  stage the update is in, again. A device that already got it and moved on answers with its
+  current state (protocol §3), which recovers a report the broker lost in a crash.
 
 A step that finds a row elsewhere than it expects leaves it alone: whatever moved it on also sent
 the step that follows.
@@ -28,6 +30,7 @@ from orchestrator.models import Device, DeviceUpdate, Rollout, utcnow
 from orchestrator.portal import device_message
 from orchestrator.protocol import Stage
 from orchestrator.state_machines import (
+    UPDATE_AWAITING_INSTALL,
     UPDATE_END_STATES,
     UPDATE_FAILURE_STATES,
     RolloutState,
@@ -72,8 +75,9 @@ def install(rt: Runtime, update_ids: Sequence[int]) -> int:
 
 
 def republish(rt: Runtime, update_ids: Sequence[int]) -> int:
-    """Send the download stage again to updates still in it (a lost or unread desired document)."""
-    return _publish_stage(rt, update_ids, _DOWNLOAD_STAGE, Stage.DOWNLOAD)
+    """Send each in-flight update's current stage document again (lost document, or lost report)."""
+    told = _publish_stage(rt, update_ids, _DOWNLOAD_STAGE, Stage.DOWNLOAD)
+    return told + _publish_stage(rt, update_ids, tuple(UPDATE_AWAITING_INSTALL), Stage.INSTALL)
 
 
 def finalize(rt: Runtime, update_ids: Sequence[int]) -> int:

@@ -429,3 +429,26 @@ def test_agent_command_line(
         assert state["running_version"] == "1.1.0" and state["slot"] == "b"
 
     run(scenario())
+
+
+def test_a_reconnect_repeats_the_latest_report(
+    mqtt_broker: Any, firmware_server: FirmwareServer, device_id: str
+) -> None:
+    """A broker that crashed may have lost reports it had acknowledged: after every reconnect the agent
+    says again where its update stands, with the same seq (an orchestrator that has it ignores it)."""
+
+    async def scenario() -> None:
+        ctx = agent_context(mqtt_broker)
+        fw = firmware_ref(firmware_server, "sensor-v2", "1.1.0", device=device_id)
+        async with observing(mqtt_broker, device_id) as obs, running_agent(ctx, device_id) as agent:
+            await obs.send(device_id, desired(21, 1, "install", fw))
+            final = await obs.wait_state(device_id, "SUCCEEDED")
+            await obs.send(device_id, b"")  # the orchestrator clears the document: nothing retained
+            await asyncio.sleep(0.2)
+            sent = len(obs.reports[device_id])
+            await agent.link.drop(0.5)
+            await obs.wait_for(lambda: len(obs.reports[device_id]) > sent, what="the repeated report")
+            again = obs.reports[device_id][sent]
+            assert (again.state.value, again.seq, again.update_id) == ("SUCCEEDED", final.seq, 21)
+
+    run(scenario())
