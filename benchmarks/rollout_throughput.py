@@ -374,7 +374,7 @@ def run_rollout(
             database_url=url,
             redis_url=bench.redis_server.url,
             mqtt_url=bench.broker.url,
-            shared_subscriptions=bench.broker.supports_mqtt5,
+            mqtt5=bench.broker.supports_mqtt5,
         )
         stack = LocalStack(settings)
         with console.status(f"[{name}] starting API, ingest, {args.workers} worker(s), beat ..."):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -108,6 +109,9 @@ def sim(
     shutdown_grace: Annotated[float, typer.Option(help="Seconds installs may take to finish on stop.")] = 5.0,
     status_interval: Annotated[float, typer.Option(help="Print a status line every N s (0: never).")] = 10.0,
     quiet: Annotated[bool, typer.Option(help="No progress bar or status lines.")] = False,
+    stats_file: Annotated[
+        Path | None, typer.Option(help="At exit, write counters, installs and sent report seqs here (JSON).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "warning",
 ) -> None:
     """Connect N simulated devices and let them follow their desired documents until Ctrl-C/SIGTERM."""
@@ -135,6 +139,7 @@ def sim(
             http_connections=http_connections,
             keepalive=keepalive,
             durable=durable,
+            stats_file=stats_file,
         )
         config.resolved_profile()
         BrokerAddress.parse(broker)
@@ -195,6 +200,8 @@ async def _run_fleet(
     if not quiet:
         err.print("stopping: publishing offline and disconnecting ...")
     await fleet.stop(grace)
+    if config.stats_file is not None:
+        config.stats_file.write_text(json.dumps(fleet.stats_document()))
     if not quiet:
         err.print(_summary(fleet))
     return 0

@@ -35,6 +35,8 @@ class AgentStats:
     finished: Counter[str] = field(default_factory=Counter)
     connected: int = 0
     reconnects: int = 0
+    # seqs of every report sent, per device; only kept when asked for (``--stats-file``)
+    sent: dict[str, list[int]] | None = None
 
     def on_connect(self, count: int) -> None:
         if count == 1:

@@ -86,6 +86,7 @@ class FleetConfig:
     keepalive: int = 60
     durable: bool = False  # fsync every state write (a real device wants it; a simulator does not)
     installer: Installer | None = None  # default: a SimulatedInstaller driven by the profile
+    stats_file: Path | None = None  # write counters, installs and every sent report's seq here at exit
 
     def ids(self) -> list[str]:
         """The device ids, e.g. ``sim-00000`` .. ``sim-01999``."""
@@ -141,6 +142,8 @@ class FleetConfig:
             argv.append("--store-images")
         if self.durable:
             argv.append("--durable")
+        if self.stats_file is not None:
+            argv += ["--stats-file", str(self.stats_file)]
         return argv
 
 
@@ -158,6 +161,8 @@ class SimulatedFleet:
         self.on_progress = on_progress  # called with (connected, total) as devices connect
         self.installer: Installer = config.installer or SimulatedInstaller()
         self.stats = AgentStats()
+        if config.stats_file is not None:
+            self.stats.sent = {}
         self.agents: list[DeviceAgent] = []
         self._by_id: dict[str, DeviceAgent] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -285,6 +290,22 @@ class SimulatedFleet:
         if isinstance(key, Ed25519PublicKey):
             return key
         return load_public_key(key or DEV_PUBLIC_KEY)
+
+    def stats_document(self) -> dict[str, Any]:
+        """What the fleet did, device side: counters, installs per device, seqs of every sent report."""
+        installs: dict[str, int] = {}
+        if isinstance(self.installer, SimulatedInstaller):
+            for (device_id, _update_id), count in self.installer.installs.items():
+                installs[device_id] = installs.get(device_id, 0) + count
+        return {
+            "devices": len(self.agents),
+            "reports": dict(self.stats.reports),
+            "finished": dict(self.stats.finished),
+            "reconnects": self.stats.reconnects,
+            "installs": installs,
+            "sent": self.stats.sent or {},
+            "versions": self.versions(),
+        }
 
     def _on_connect(self, count: int) -> None:
         self.stats.on_connect(count)

@@ -259,7 +259,10 @@ class UpdateSteps:
             detail=detail[:500] if detail else None,
             ts=time.time(),
         ).to_payload()
-        self.ctx.stats.reports[state.value] += 1
+        stats = self.ctx.stats
+        stats.reports[state.value] += 1
+        if stats.sent is not None:
+            stats.sent.setdefault(self.device_id, []).append(seq)
         self._last_report = payload
         topic = report_topic(self.device_id)
         plan = self._plan

@@ -48,9 +48,12 @@ class Settings(BaseSettings):
     ingest_client_id: str | None = Field(
         default=None, description="fixed MQTT client id (persistent session)"
     )
+    mqtt_v5: bool = Field(
+        default=True, description="services speak MQTT 5 to the broker (Mosquitto, EMQX; false for amqtt)"
+    )
     mqtt_shared_subscriptions: bool = Field(
-        default=True,
-        description="ingest uses MQTT 5 and $share/ subscriptions (Mosquitto, EMQX; not amqtt)",
+        default=False,
+        description="several ingest processes share the reports through $share/ (needs MQTT 5)",
     )
     ingest_share_group: str = Field(
         default="fleet-ingest", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="one per deployment on a broker"

@@ -29,7 +29,8 @@ class StackSettings:
     database_url: str
     redis_url: str
     mqtt_url: str
-    shared_subscriptions: bool = True
+    mqtt5: bool = True  # the broker speaks MQTT 5 (Mosquitto): ingest uses it
+    shared_subscriptions: bool = False  # ingest joins a $share group (for several ingest processes)
     api_port: int = 0
     # Ingest's shared-subscription group; a stack of its own on a shared broker needs its own group,
     # or members of another (stopped) stack's group would keep taking a share of its reports.
@@ -43,7 +44,8 @@ class StackSettings:
             FLEET_DATABASE_URL=self.database_url,
             FLEET_REDIS_URL=self.redis_url,
             FLEET_MQTT_URL=self.mqtt_url,
-            FLEET_MQTT_SHARED_SUBSCRIPTIONS="true" if self.shared_subscriptions else "false",
+            FLEET_MQTT_V5="true" if self.mqtt5 else "false",
+            FLEET_MQTT_SHARED_SUBSCRIPTIONS="true" if self.shared_subscriptions and self.mqtt5 else "false",
             FLEET_API_PORT=str(self.api_port),
             FLEET_PUBLIC_BASE_URL=f"http://127.0.0.1:{self.api_port}",
             FLEET_FIRMWARE_DIR=str(self.data_dir / "firmware"),

@@ -282,7 +282,7 @@ def run_up(options: UpOptions) -> int:
             database_url=database_url,
             redis_url=redis_server.url,
             mqtt_url=broker.url,
-            shared_subscriptions=broker.supports_mqtt5,
+            mqtt5=broker.supports_mqtt5,
             extra_env={
                 "FLEET_SECRET_KEY": keys.secret_key,
                 "FLEET_SIGNING_KEY_PATH": str(keys.signing_key),

@@ -83,7 +83,7 @@ class IngestService:
     # ------------------------------------------------------------------ connection
     @property
     def shared(self) -> bool:
-        return self.settings.mqtt_shared_subscriptions
+        return self.settings.mqtt_v5 and self.settings.mqtt_shared_subscriptions
 
     def _client(self) -> aiomqtt.Client:
         address = BrokerAddress.parse(self.settings.mqtt_url)
@@ -96,7 +96,7 @@ class IngestService:
             # Small request/response messages: without this, Nagle + delayed ACK add ~40 ms a hop.
             "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         }
-        if self.shared:
+        if self.settings.mqtt_v5:
             # MQTT 5: a persistent session that expires, and a receive window the broker honours.
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = int(self.settings.ingest_session_expiry_s)

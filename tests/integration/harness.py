@@ -74,7 +74,7 @@ def running_harness(
         database_url=database_url,
         redis_url=redis_url,
         mqtt_url=mqtt_broker.url,
-        shared_subscriptions=bool(mqtt_broker.supports_mqtt5),
+        mqtt5=bool(mqtt_broker.supports_mqtt5),
         extra_env={
             "FLEET_RECONCILE_INTERVAL_S": "1",
             "FLEET_STALL_S": "3",
