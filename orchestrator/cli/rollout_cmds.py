@@ -168,6 +168,11 @@ def rollout_create(
     max_in_flight: int = typer.Option(1000),
     max_attempts: int = typer.Option(2),
     start_at: str = typer.Option(None, help="ISO time with zone to start at, e.g. 2030-01-01T02:00:00+00:00"),
+    supersede: bool = typer.Option(
+        False,
+        "--supersede",
+        help="take over devices updating in another rollout: cancel it there where it has not started",
+    ),
     api_url: ApiUrl = None,
     token: Token = None,
 ) -> None:
@@ -189,6 +194,8 @@ def rollout_create(
     if failure_threshold_count is not None:
         policy["failure_threshold_count"] = failure_threshold_count
     body: dict[str, Any] = {"firmware_id": firmware_id, "target": target, "policy": policy}
+    if supersede:
+        body["supersede"] = True
     if start_at:
         try:
             when = datetime.fromisoformat(start_at)

@@ -25,6 +25,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiomqtt
@@ -78,6 +79,7 @@ class IngestService:
         self._dirty: set[int] = set()
         self._last_summary_ids: set[int] = set()
         self._outage: dict[str, float] = {}
+        self._followers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-steps")
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ connection
@@ -209,9 +211,9 @@ class IngestService:
                 delay = min(delay * 2, MAX_BACKOFF_S)
         self._recovered("database")
         self.stats.update(outcome.counters)
-        publishes = asyncio.gather(*(self._publish(client, t, p) for t, p in outcome.portal))
-        await asyncio.to_thread(self._after_commit, outcome)
-        await publishes
+        # Steps and portal marks go out on their own thread: a Redis outage must not hold up reports.
+        self._followers.submit(self._after_commit, outcome)
+        await asyncio.gather(*(self._publish(client, t, p) for t, p in outcome.portal))
         now = time.time()
         self.latencies_ms.extend((now - ts) * 1000 for ts in outcome.applied_ts)
 
@@ -267,6 +269,12 @@ class IngestService:
 
     def _after_commit(self, outcome: BatchOutcome) -> None:
         """Send the steps the batch made due. A failure is logged: the reconciler re-sends them."""
+        try:
+            self._send_steps(outcome)
+        except Exception:  # this thread must keep serving the next batches
+            log.exception("sending the steps of a batch failed; the reconciler re-sends them")
+
+    def _send_steps(self, outcome: BatchOutcome) -> None:
         try:
             if outcome.install_ids:
                 self.dispatch.install(outcome.install_ids)
