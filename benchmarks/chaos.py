@@ -97,7 +97,7 @@ class Run:
         self.broker = MosquittoBroker(run_dir=run_dir, data_dir=self.work / "mqtt", extra_config=broker_log)
         self.broker.start()
         if self.args.database == "postgres":
-            self.postgres = PostgresCluster(base_dir=self.work).start()
+            self.postgres = PostgresCluster().start()  # in the system temp dir: postgres must reach it
             self.database_url = self.postgres.create_database("fleet")
         else:
             self.database_url = f"sqlite:///{self.work / 'fleet.db'}"

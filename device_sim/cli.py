@@ -109,6 +109,12 @@ def sim(
     shutdown_grace: Annotated[float, typer.Option(help="Seconds installs may take to finish on stop.")] = 5.0,
     status_interval: Annotated[float, typer.Option(help="Print a status line every N s (0: never).")] = 10.0,
     quiet: Annotated[bool, typer.Option(help="No progress bar or status lines.")] = False,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="mqtts:// broker: the CA certificate that signed the broker's")
+    ] = None,
+    tls_cert_dir: Annotated[
+        Path | None, typer.Option(help="mutual TLS: per-device client certificates ID.crt and ID.key")
+    ] = None,
     stats_file: Annotated[
         Path | None, typer.Option(help="At exit, write counters, installs and sent report seqs here (JSON).")
     ] = None,
@@ -140,6 +146,8 @@ def sim(
             keepalive=keepalive,
             durable=durable,
             stats_file=stats_file,
+            tls_ca=tls_ca,
+            tls_cert_dir=tls_cert_dir,
         )
         config.resolved_profile()
         BrokerAddress.parse(broker)

@@ -87,6 +87,8 @@ class FleetConfig:
     durable: bool = False  # fsync every state write (a real device wants it; a simulator does not)
     installer: Installer | None = None  # default: a SimulatedInstaller driven by the profile
     stats_file: Path | None = None  # write counters, installs and every sent report's seq here at exit
+    tls_ca: Path | None = None  # with an mqtts:// broker: the CA that signed the broker's certificate
+    tls_cert_dir: Path | None = None  # per-device client certificates ID.crt / ID.key (mutual TLS)
 
     def ids(self) -> list[str]:
         """The device ids, e.g. ``sim-00000`` .. ``sim-01999``."""
@@ -144,6 +146,10 @@ class FleetConfig:
             argv.append("--durable")
         if self.stats_file is not None:
             argv += ["--stats-file", str(self.stats_file)]
+        if self.tls_ca is not None:
+            argv += ["--tls-ca", str(self.tls_ca)]
+        if self.tls_cert_dir is not None:
+            argv += ["--tls-cert-dir", str(self.tls_cert_dir)]
         return argv
 
 
@@ -187,7 +193,13 @@ class SimulatedFleet:
             )
         self._all_connected = asyncio.Event()
         self._ctx = AgentContext(
-            broker=BrokerAddress.parse(cfg.broker_url, cfg.password, cfg.password_secret),
+            broker=BrokerAddress.parse(
+                cfg.broker_url,
+                cfg.password,
+                cfg.password_secret,
+                tls_ca=cfg.tls_ca,
+                tls_cert_dir=cfg.tls_cert_dir,
+            ),
             public_key=self._public_key(),
             profile=self.profile,
             installer=self.installer,

@@ -24,6 +24,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -85,16 +86,37 @@ class BrokerAddress:
     tls: bool = False
     password: str | None = None
     password_secret: str | None = None  # set: each device's password is derived from it and its id
+    tls_ca: Path | None = None  # CA certificate that signed the broker's certificate (default: system)
+    tls_cert_dir: Path | None = None  # ID.crt / ID.key per device: its client certificate (mutual TLS)
 
     def password_for(self, device_id: str) -> str | None:
-        """The MQTT password ``device_id`` connects with."""
+        """The MQTT password ``device_id`` connects with (none with a client certificate)."""
+        if self.tls_cert_dir is not None:
+            return None
         if self.password_secret is not None:
             return derive_device_password(self.password_secret, device_id)
         return self.password
 
+    def tls_context_for(self, device_id: str) -> ssl.SSLContext | None:
+        """The TLS context of ``device_id``: the broker's CA and, with a cert dir, its own certificate."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert_dir is not None:
+            context.load_cert_chain(
+                self.tls_cert_dir / f"{device_id}.crt", self.tls_cert_dir / f"{device_id}.key"
+            )
+        return context
+
     @classmethod
     def parse(
-        cls, url: str, password: str | None = None, password_secret: str | None = None
+        cls,
+        url: str,
+        password: str | None = None,
+        password_secret: str | None = None,
+        *,
+        tls_ca: Path | None = None,
+        tls_cert_dir: Path | None = None,
     ) -> BrokerAddress:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
@@ -109,6 +131,8 @@ class BrokerAddress:
             tls=tls,
             password=password if password is not None else url_password,
             password_secret=password_secret,
+            tls_ca=tls_ca,
+            tls_cert_dir=tls_cert_dir,
         )
 
 
@@ -306,7 +330,7 @@ class MqttLink:
             keepalive=self._keepalive,
             clean_session=True,
             timeout=30,
-            tls_context=ssl.create_default_context() if b.tls else None,
+            tls_context=b.tls_context_for(self.device_id),
             queue_type=_Dispatch,
             # Small request/response messages: without this, Nagle + delayed ACK add ~40 ms a hop.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],

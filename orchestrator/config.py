@@ -14,6 +14,31 @@ DEV_SIGNING_KEY = REPO_ROOT / "firmware_samples" / "dev-signing-key.DEV-ONLY.pem
 DEV_PUBLIC_KEY = REPO_ROOT / "firmware_samples" / "dev-signing-key.DEV-ONLY.pub.pem"
 # Marker for values that are only acceptable outside production.
 DEV_ONLY_SECRET = "dev-only-insecure-secret"
+MIN_SECRET_LENGTH = 32
+
+
+def public_key_fingerprint(path: Path) -> bytes | None:
+    """The raw ed25519 public key of a PEM private or public key file; None if it is not one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    key: object
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError:
+            return None
+    if isinstance(key, Ed25519PrivateKey):
+        key = key.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        return None
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 class Settings(BaseSettings):
@@ -44,6 +69,7 @@ class Settings(BaseSettings):
     public_key_path: Path = DEV_PUBLIC_KEY
     secret_key: str = Field(default=DEV_ONLY_SECRET, description="HMAC key for download tokens")
     max_firmware_bytes: int = 256 * 1024 * 1024
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="any other request body")
     ingest_batch_size: int = 500
     ingest_client_id: str | None = Field(
         default=None, description="fixed MQTT client id (persistent session)"
@@ -83,10 +109,21 @@ class Settings(BaseSettings):
         if self.env != "production":
             return self
         problems = []
-        if self.secret_key == DEV_ONLY_SECRET:
-            problems.append("FLEET_SECRET_KEY is the dev-only default")
-        if "DEV-ONLY" in self.signing_key_path.name:
-            problems.append("FLEET_SIGNING_KEY_PATH points at the dev-only sample key")
+        if self.secret_key == DEV_ONLY_SECRET or len(self.secret_key) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"FLEET_SECRET_KEY must be a random string of at least {MIN_SECRET_LENGTH} characters "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
+        # By content, not name: a renamed or copied sample key is still the public sample key.
+        for name, path in (
+            ("FLEET_SIGNING_KEY_PATH", self.signing_key_path),
+            ("FLEET_PUBLIC_KEY_PATH", self.public_key_path),
+        ):
+            fingerprint = public_key_fingerprint(path)
+            if fingerprint is None:
+                problems.append(f"{name} ({path}) is not a readable ed25519 PEM key")
+            elif fingerprint == public_key_fingerprint(DEV_PUBLIC_KEY):
+                problems.append(f"{name} ({path}) holds the dev-only sample key shipped with fleet")
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self

@@ -79,6 +79,15 @@ class PayloadTooLarge(FleetError):
     http_status = 413
 
 
+class RangeNotSatisfiable(FleetError):
+    code = "range_not_satisfiable"
+    http_status = 416
+
+    def __init__(self, message: str, *, field: str | None = None, size: int | None = None) -> None:
+        super().__init__(message, field=field)
+        self.size = size
+
+
 class ConfigurationError(FleetError):
     code = "configuration_error"
     http_status = 500

@@ -81,9 +81,11 @@ class Client:
         password: str | None = None,
         client_id: str | None = None,
         clean_session: bool = True,
+        port: int | None = None,
     ) -> None:
         self.broker = broker
         self.transport = transport
+        self.port = port
         self.client_id = client_id or f"t-{secrets.token_hex(4)}"
         self.paho = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -100,9 +102,11 @@ class Client:
         self.paho.on_connect = lambda _c, _u, _f, rc, _p: self.connacks.put(int(rc.value))
         self.paho.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload, bool(m.retain)))
         self.paho.on_subscribe = lambda _c, _u, _mid, rcs, _p: self.subacks.put([int(rc.value) for rc in rcs])
+        self.disconnects: queue.Queue[int] = queue.Queue()
+        self.paho.on_disconnect = lambda _c, _u, _f, rc, _p: self.disconnects.put(int(rc.value))
 
     def connect(self) -> Client:
-        port = self.broker.ws_port if self.transport == "websockets" else self.broker.port
+        port = self.port or (self.broker.ws_port if self.transport == "websockets" else self.broker.port)
         assert port is not None
         self.paho.connect(self.broker.host, port, keepalive=30)
         self.paho.loop_start()
@@ -461,19 +465,90 @@ def auth_broker(request: pytest.FixtureRequest, embedded_run_dir: Path) -> Itera
 
 
 def _as(broker: MqttBroker, user: MqttUser, **kwargs: Any) -> Client:
+    """A client logged in as ``user`` where that role connects, with a client id its rule allows."""
+    if user.role == Role.DEVICE:
+        kwargs.setdefault("client_id", user.username)
+    elif user.role == Role.SERVICE:
+        kwargs.setdefault("client_id", f"fleet-t-{secrets.token_hex(4)}")
+        kwargs.setdefault("port", broker.service_port)
+    else:
+        kwargs.setdefault("client_id", f"portal-{secrets.token_hex(4)}")
+        kwargs.setdefault("transport", "websockets")
     return Client(broker, username=user.username, password=user.password, **kwargs)
 
 
 def test_auth_checks_credentials(auth_broker: MqttBroker) -> None:
     b = auth_broker
-    assert mqtt_connack(b.host, b.port, username=DEV1.username, password=DEV1.password) == 0
-    assert mqtt_connack(b.host, b.port, username=DEV1.username, password="wrong") not in (0, None)
+    assert (
+        mqtt_connack(b.host, b.port, username=DEV1.username, password=DEV1.password, client_id="dev-1") == 0
+    )
+    assert mqtt_connack(b.host, b.port, username=DEV1.username, password="wrong", client_id="dev-1") not in (
+        0,
+        None,
+    )
     assert mqtt_connack(b.host, b.port, username="nobody", password="x") not in (0, None)
     assert mqtt_connack(b.host, b.port) not in (0, None), "anonymous access is off"
     code = mqtt_connack(
-        b.host, b.ws_port, transport="websockets", username=SVC.username, password=SVC.password
+        b.host, b.ws_port, transport="websockets", username=PORTAL.username, password=PORTAL.password,
+        client_id="portal-check",
+    )  # fmt: skip
+    assert code == 0
+    code = mqtt_connack(
+        b.host, b.service_port, username=SVC.username, password=SVC.password, client_id="fleet-check"
     )
     assert code == 0
+
+
+def test_each_role_logs_in_only_where_it_belongs(auth_broker: MqttBroker) -> None:
+    b = auth_broker
+    if b.kind == "mosquitto":
+        # one listener per role: a service or portal login is refused on the device port, and so on
+        assert mqtt_connack(b.host, b.port, username=SVC.username, password=SVC.password) not in (0, None)
+        assert mqtt_connack(b.host, b.port, username=PORTAL.username, password=PORTAL.password) not in (
+            0,
+            None,
+        )
+        assert mqtt_connack(b.host, b.service_port, username=DEV1.username, password=DEV1.password) not in (
+            0,
+            None,
+        )
+        ws = mqtt_connack(
+            b.host, b.ws_port, transport="websockets", username=DEV1.username, password=DEV1.password
+        )
+        assert ws not in (0, None)
+    else:
+        # one listener for all: each role's client-id rule is checked instead
+        assert (
+            mqtt_connack(b.host, b.port, username=SVC.username, password=SVC.password, client_id="dev-1") != 0
+        )
+        assert (
+            mqtt_connack(b.host, b.port, username=PORTAL.username, password=PORTAL.password, client_id="x")
+            != 0
+        )
+
+
+def test_a_device_cannot_take_over_another_devices_session(auth_broker: MqttBroker) -> None:
+    # Given dev-2 connected
+    with _as(auth_broker, DEV2) as victim:
+        # When dev-1 logs in with its own password but dev-2's client id
+        mqtt_connack(
+            auth_broker.host,
+            auth_broker.port,
+            username=DEV1.username,
+            password=DEV1.password,
+            client_id="dev-2",
+        )
+        time.sleep(0.5)
+        # Then dev-2 is still connected (Mosquitto gives dev-1 its own id, amqtt refuses it)
+        assert victim.disconnects.empty(), "the victim was kicked off"
+        assert victim.paho.is_connected()
+        victim.publish(f"{ROOT}/devices/dev-2/online", b"online")
+
+
+def test_reserved_names_are_no_device() -> None:
+    for name in ("portal", "service", "fleet-ingest-1", "portal-x"):
+        with pytest.raises(ValueError, match="reserved"):
+            MqttUser(name, "x", Role.DEVICE)
 
 
 def test_device_reads_only_its_own_desired(auth_broker: MqttBroker) -> None:
@@ -531,7 +606,9 @@ def test_portal_is_read_only(auth_broker: MqttBroker) -> None:
 def test_added_user_is_accepted_after_reload(auth_broker: MqttBroker) -> None:
     user = MqttUser(f"dev-{secrets.token_hex(3)}", secrets.token_urlsafe(12), Role.DEVICE)
     b = auth_broker
-    assert mqtt_connack(b.host, b.port, username=user.username, password=user.password) not in (0, None)
+    assert mqtt_connack(
+        b.host, b.port, username=user.username, password=user.password, client_id=user.username
+    ) not in (0, None)
     b.add_users([user])
     assert user.username in b.usernames
     with _as(b, SVC) as svc, _as(b, user) as dev:
@@ -540,7 +617,10 @@ def test_added_user_is_accepted_after_reload(auth_broker: MqttBroker) -> None:
         svc.expect(f"{ROOT}/devices/{user.username}/report", b"new")
     b.remove_users([user.username])
     deadline = time.monotonic() + WAIT
-    while mqtt_connack(b.host, b.port, username=user.username, password=user.password) == 0:
+    while (
+        mqtt_connack(b.host, b.port, username=user.username, password=user.password, client_id=user.username)
+        == 0
+    ):
         assert time.monotonic() < deadline, "removed user still accepted"
         time.sleep(0.05)
 

@@ -17,9 +17,9 @@ from orchestrator.api import (
     portal_routes,
     rollout_routes,
 )
-from orchestrator.api.limits import UploadLimit
+from orchestrator.api.limits import BodyLimit
 from orchestrator.config import Settings, get_settings
-from orchestrator.errors import FleetError
+from orchestrator.errors import FleetError, RangeNotSatisfiable
 
 DESCRIPTION = """
 Firmware fleet-update orchestrator. Everything under `/v1` is versioned.
@@ -52,6 +52,7 @@ _HTTP_CODES = {
     406: "not_acceptable",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    416: "range_not_satisfiable",
 }
 _LOCATIONS = ("body", "query", "path", "header", "cookie")
 
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(FleetError)
     async def _domain_error(request: Request, exc: FleetError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        if isinstance(exc, RangeNotSatisfiable) and exc.size is not None:
+            headers = {"Content-Range": f"bytes */{exc.size}"}
         return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -90,7 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = {"code": _HTTP_CODES.get(exc.status_code, "http_error"), "message": str(exc.detail)}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    app.add_middleware(UploadLimit, path="/v1/firmware", max_bytes=settings.max_firmware_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_request_bytes, max_upload_bytes=settings.max_firmware_bytes
+    )
 
     v1 = APIRouter(prefix="/v1")
     v1.include_router(device_routes.router)

@@ -15,7 +15,12 @@ from orchestrator.api.deps import AppSettings, DbSession, Operator, Viewer
 from orchestrator.api.schemas import FirmwareOut, FirmwarePage, Name, errors
 from orchestrator.errors import Unauthorized
 from orchestrator.services import query_service
-from orchestrator.services.firmware_service import add_firmware, get_firmware
+from orchestrator.services.firmware_service import (
+    add_firmware,
+    check_range,
+    get_firmware,
+    require_update_in_progress,
+)
 from orchestrator.services.query_service import MAX_LIMIT
 from orchestrator.signing import check_download_token
 
@@ -74,7 +79,7 @@ def firmware_details(firmware_id: FirmwareId, session: DbSession, _: Viewer) -> 
     response_class=FileResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "the image (206 for a Range)"},
-        **errors(401, 403, 404, 422),
+        **errors(401, 403, 404, 416, 422),
     },
 )
 def firmware_content(
@@ -82,12 +87,21 @@ def firmware_content(
     session: DbSession,
     settings: AppSettings,
     authorization: Annotated[str | None, Header(description="Bearer <download token>")] = None,
+    range_: Annotated[
+        str | None, Header(alias="range", description="bytes=START- or bytes=START-END")
+    ] = None,
 ) -> FileResponse:
-    """The image bytes; supports ``Range`` so devices resume interrupted downloads."""
+    """The image bytes; supports ``Range`` so devices resume interrupted downloads.
+
+    The token must be valid for this image and name a device that has an update of it in progress.
+    """
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthorized("a download token is required: Authorization: Bearer <token>")
-    check_download_token(settings.secret_key, firmware_id, authorization[7:].strip())
+    device_id = check_download_token(settings.secret_key, firmware_id, authorization[7:].strip())
     firmware = get_firmware(session, firmware_id)
+    require_update_in_progress(session, firmware_id, device_id)
+    if range_ is not None:
+        check_range(range_, firmware.size)
     session.close()  # not held open while the bytes stream
     return FileResponse(
         firmware.storage_path, media_type="application/octet-stream", filename=f"{firmware.sha256}.bin"

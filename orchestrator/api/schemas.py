@@ -244,7 +244,8 @@ _ERROR_TEXT = {
     403: "the token's role does not allow this",
     404: "no such object",
     409: "conflicts with the current state (duplicate, illegal transition, concurrent change)",
-    413: "upload larger than FLEET_MAX_FIRMWARE_BYTES",
+    413: "body larger than FLEET_MAX_FIRMWARE_BYTES (uploads) or FLEET_MAX_REQUEST_BYTES (anything else)",
+    416: "the Range header is not one byte range inside the image",
     422: "invalid input; `field` names the parameter",
     503: "a dependency is unavailable",
 }

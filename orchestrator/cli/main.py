@@ -10,6 +10,7 @@ from rich.console import Console
 
 from orchestrator.api.token_cli import token_app
 from orchestrator.cli import demo_cmd, rollout_cmds, up_cmd
+from orchestrator.cli.ca_cmd import ca_app
 from orchestrator.config import get_settings
 from orchestrator.errors import FleetError
 
@@ -23,6 +24,7 @@ app.command("demo")(demo_cmd.demo)
 app.command("up")(up_cmd.up)
 app.command("broker-users")(up_cmd.broker_users)
 app.add_typer(token_app, name="token")
+app.add_typer(ca_app, name="ca")
 console = Console(stderr=True)
 
 try:
@@ -102,11 +104,16 @@ def api(
     """Serve the HTTP API."""
     import uvicorn
 
+    from orchestrator.api.access_log import log_config
     from orchestrator.api.app import create_app
 
     settings = get_settings()
     uvicorn.run(
-        create_app(settings), host=host or settings.api_host, port=port or settings.api_port, log_level="info"
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level="info",
+        log_config=log_config(),
     )
 
 

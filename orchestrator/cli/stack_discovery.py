@@ -35,7 +35,7 @@ class RunningStack:
     path: Path
     api_url: str
     operator_token: str | None
-    mqtt_url: str | None
+    mqtt_url: str | None  # where the portal login works: the broker's WebSocket listener
     portal_mqtt_username: str | None
     portal_mqtt_password: str | None
 
@@ -74,7 +74,7 @@ def load_running_stack(directory: Path) -> RunningStack | None:
         path=path,
         api_url=api_url,
         operator_token=text("operator_token"),
-        mqtt_url=text("mqtt_url"),
+        mqtt_url=text("mqtt_ws_url") or text("mqtt_url"),
         portal_mqtt_username=text("portal_mqtt_username"),
         portal_mqtt_password=text("portal_mqtt_password"),
     )

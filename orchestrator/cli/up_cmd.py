@@ -281,7 +281,7 @@ def run_up(options: UpOptions) -> int:
             data_dir=data_dir,
             database_url=database_url,
             redis_url=redis_server.url,
-            mqtt_url=broker.url,
+            mqtt_url=broker.service_url,
             mqtt5=broker.supports_mqtt5,
             extra_env={
                 "FLEET_SECRET_KEY": keys.secret_key,
@@ -321,6 +321,7 @@ def run_up(options: UpOptions) -> int:
             "portal_url": f"{stack.api_url}/",
             "mqtt_url": broker.url,
             "mqtt_ws_url": broker.ws_url,
+            "service_mqtt_url": broker.service_url,
             "broker": broker.kind,
             "redis_url": redis_server.url,
             "database_url": database_url,
@@ -406,7 +407,7 @@ def _print_banner(info: dict[str, Any]) -> None:
     console.print(f"[bold]API[/]          {info['api_url']}")
     console.print(f"[bold]API docs[/]     {info['docs_url']}")
     console.print(f"[bold]portal[/]       {info['portal_url']}")
-    console.print(f"[bold]MQTT[/]         {info['mqtt_url']} ({info['broker']})")
+    console.print(f"[bold]MQTT[/]         {info['mqtt_url']} ({info['broker']}; devices)")
     console.print(f"[bold]MQTT (WS)[/]    {info['mqtt_ws_url']}")
     console.print(f"[bold]operator token[/] {info['operator_token']}")
     console.print(

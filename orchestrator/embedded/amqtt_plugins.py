@@ -65,7 +65,9 @@ def filter_covers(allowed: str, requested: str) -> bool:
 
 
 class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
-    """Accepts a client whose username is in the password file and whose password matches.
+    """Accepts a client whose username is in the password file, whose password matches, and whose
+    client id follows its rule in the ACL file's ``client-ids`` map (a device's must equal its
+    username, so no device can take over another's session).
 
     Clients without a username are accepted only with ``allow_anonymous``. Without a
     ``password_file`` every client is accepted if ``allow_anonymous`` is set.
@@ -75,15 +77,23 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
     class Config:
         password_file: str | None = None
         allow_anonymous: bool = False
+        acl_file: str | None = None
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._users: dict[str, str] = {}
+        self._client_ids: dict[str, dict[str, str]] = {}
         self.reload()
         _RELOADABLE.add(self)
 
     def reload(self) -> None:
-        """Re-read the password file."""
+        """Re-read the password file (and the client-id rules)."""
+        acl = self.config.acl_file
+        if acl:
+            rules = json.loads(Path(acl).read_text()).get("client-ids", {})
+            if not isinstance(rules, dict):
+                raise ValueError("client-ids must be a JSON object")
+            self._client_ids = {str(u): dict(r) for u, r in rules.items()}
         path = self.config.password_file
         if not path:
             self._users = {}
@@ -108,11 +118,22 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         encoded = self._users.get(username)
         if encoded is None:
             return False
+        if not self._client_id_allowed(username, str(getattr(session, "client_id", "") or "")):
+            log.warning("client id %r refused for user %r", getattr(session, "client_id", ""), username)
+            return False
         password = getattr(session, "password", None) or ""
         if isinstance(password, bytes):
             password = password.decode(errors="replace")
         # Argon2 takes ~20 ms: keep it off the event loop that serves every other client.
         return await asyncio.to_thread(amqtt_password_matches, password, encoded)
+
+    def _client_id_allowed(self, username: str, client_id: str) -> bool:
+        rule = self._client_ids.get(username)
+        if rule is None:
+            return not self._client_ids  # no rules configured at all: any client id
+        if "equals" in rule:
+            return client_id == rule["equals"]
+        return client_id.startswith(rule.get("prefix", ""))
 
 
 class TopicAclFilePlugin(BaseTopicPlugin):  # type: ignore[misc]

@@ -29,7 +29,15 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from .auth import BrokerKind, HashedUser, MqttUser, hash_user, write_auth_files
+from .auth import (
+    BrokerKind,
+    HashedUser,
+    MqttUser,
+    Role,
+    hash_user,
+    write_auth_files,
+    write_mosquitto_listener_files,
+)
 from .ports import LOOPBACK, free_ports, port_is_open
 from .process import ManagedProcess, ProcessStartError
 from .redis_server import ServerNotFoundError, default_run_dir
@@ -40,10 +48,21 @@ BrokerPreference = Literal["auto", "mosquitto", "amqtt"]
 MIN_MOSQUITTO_VERSION = (2, 0)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A TLS listener for devices with client certificates: the CA that signed them, and the
+    broker's own certificate and key."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+
 class BrokerOptions(TypedDict, total=False):
     """Keyword arguments common to every embedded broker (see :class:`MqttBroker`)."""
 
     data_dir: Path | None
+    tls: TlsFiles | None
     host: str
     port: int | None
     ws_port: int | None
@@ -84,6 +103,7 @@ def mqtt_connack(
     username: str | None = None,
     password: str | None = None,
     timeout: float = 2.0,
+    client_id: str | None = None,
 ) -> int | None:
     """Connect once with paho-mqtt and return the CONNACK reason code (0 = accepted).
 
@@ -92,7 +112,7 @@ def mqtt_connack(
     """
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"fleet-probe-{secrets.token_hex(4)}",
+        client_id=client_id or f"fleet-probe-{secrets.token_hex(4)}",
         protocol=protocol,
         transport=transport,
     )
@@ -122,9 +142,27 @@ def mqtt_connack(
     return codes[0] if codes else None
 
 
-def _wait_accepted(broker: BrokerInfo, user: MqttUser, timeout: float) -> None:
+def _wait_accepted(broker: MqttBroker, user: MqttUser, timeout: float) -> None:
+    """Wait until ``user`` can log in where its role connects, with a client id its rule allows."""
     deadline = time.monotonic() + timeout
-    while mqtt_connack(broker.host, broker.port, username=user.username, password=user.password) != 0:
+    port, transport, client_id = broker.port, "tcp", user.username
+    if user.role == Role.SERVICE:
+        port, client_id = broker.service_port, f"fleet-probe-{secrets.token_hex(4)}"
+    elif user.role == Role.PORTAL:
+        port, transport, client_id = broker.ws_port, "websockets", f"portal-probe-{secrets.token_hex(4)}"
+
+    def accepted() -> bool:
+        code = mqtt_connack(
+            broker.host,
+            port,
+            transport=transport,  # type: ignore[arg-type]
+            username=user.username,
+            password=user.password,
+            client_id=client_id,
+        )
+        return code == 0
+
+    while not accepted():
         if time.monotonic() >= deadline:
             raise RuntimeError(f"broker did not accept the new user {user.username!r} after reload")
         time.sleep(0.05)
@@ -181,7 +219,10 @@ class MqttBroker(ABC):
     With ``auth=True`` (implied by a non-empty ``users``) the broker checks passwords and topic
     ACLs for ``users``; ``allow_anonymous`` then still admits clients without a username, but
     they get no topic at all. Without auth every client may do anything. ``port``/``ws_port``
-    default to free loopback ports. ``run_dir`` holds the PID file and a private directory.
+    default to free loopback ports. ``run_dir`` holds the PID file and a private directory. With
+    auth, Mosquitto serves each role on its own listener: devices on ``port``, the orchestrator's
+    services on ``service_port`` (:attr:`service_url`), portal users on ``ws_port``; amqtt serves
+    all on ``port`` (and WebSocket) and checks each role's client-id rule in its plugin.
     With ``data_dir`` (Mosquitto) retained messages and persistent sessions are kept there and
     survive :meth:`restart`, which brings the broker back on the same ports.
     """
@@ -202,12 +243,16 @@ class MqttBroker(ABC):
         startup_timeout: float = 20.0,
         die_with_parent: bool = True,
         data_dir: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.host = host
         self.data_dir = data_dir
+        self.tls = tls
         self._fixed_ports = (port, ws_port)
         self.port: int = port or 0
         self._ws_port: int = ws_port or 0
+        self._service_port: int = 0
+        self.tls_port: int = 0
         self.allow_anonymous = allow_anonymous
         initial = list(users)
         self.auth = auth or bool(initial)
@@ -228,8 +273,28 @@ class MqttBroker(ABC):
 
     @property
     def url(self) -> str:
-        """``mqtt://host:port``."""
+        """``mqtt://host:port``: where devices connect."""
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def service_port(self) -> int:
+        """Where the orchestrator's services connect (the device port unless separate)."""
+        return self._service_port or self.port
+
+    @property
+    def service_url(self) -> str:
+        """``mqtt://host:service_port``: where the orchestrator's services connect."""
+        return f"mqtt://{self.host}:{self.service_port}"
+
+    @property
+    def tls_url(self) -> str:
+        """``mqtts://host:tls_port``: devices with client certificates. Precondition: started with ``tls``."""
+        if not self.tls_port:
+            raise RuntimeError("no TLS listener: start the broker with tls=TlsFiles(...)")
+        return f"mqtts://{self.host}:{self.tls_port}"
+
+    def _separate_service_listener(self) -> bool:
+        return False
 
     @property
     def ws_url(self) -> str:
@@ -255,6 +320,8 @@ class MqttBroker(ABC):
         counts: it proves the broker works) and the WebSocket listener accepts connections."""
         if not self.port or mqtt_connack(self.host, self.port, timeout=1.0) is None:
             return False
+        if self._service_port and not port_is_open(self.host, self._service_port):
+            return False
         return port_is_open(self.host, self._ws_port)
 
     # -- lifecycle
@@ -271,9 +338,13 @@ class MqttBroker(ABC):
         fixed = all(self._fixed_ports)
         attempts = 1 if fixed else 3
         for attempt in range(attempts):
-            picked = iter(free_ports(2, self.host))
+            picked = iter(free_ports(4, self.host))
             self.port = self._fixed_ports[0] or next(picked)
             self._ws_port = self._fixed_ports[1] or next(picked)
+            if self._separate_service_listener():
+                self._service_port = self._service_port or next(picked)
+            if self.tls is not None and self.kind == "mosquitto":
+                self.tls_port = self.tls_port or next(picked)
             if self.auth:
                 self._write_auth()
             argv, marker = self._prepare(self._dir)
@@ -367,6 +438,9 @@ class MqttBroker(ABC):
     def _write_auth(self) -> None:
         password_file, acl_file = self._auth_paths()
         write_auth_files(self.kind, self._users.values(), password_file, acl_file)
+        if self._separate_service_listener():
+            assert self._dir is not None
+            write_mosquitto_listener_files(self._users.values(), self._dir)
 
     def _env(self) -> dict[str, str] | None:
         return None
@@ -423,16 +497,18 @@ class MosquittoBroker(MqttBroker):
         self.extra_config = list(extra_config)
         super().__init__(**kwargs)
 
+    def _separate_service_listener(self) -> bool:
+        return self.auth
+
     def _prepare(self, workdir: Path) -> tuple[list[str], str]:
         conf = workdir / "mosquitto.conf"
         lines = [
             "# Generated by fleet.",
-            "per_listener_settings false",
+            f"per_listener_settings {'true' if self.auth else 'false'}",
             # Run as root, mosquitto would switch to user 'mosquitto', who cannot read our files.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             # The ingest's persistent session must not lose reports while it catches up.
             "max_queued_messages 1000000",
-            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -445,11 +521,44 @@ class MosquittoBroker(MqttBroker):
             lines += ["persistence true", f"persistence_location {self.data_dir}/", "autosave_interval 1"]
         else:
             lines.append("persistence false")
-        if self.auth:
-            password_file, acl_file = self._auth_paths()
-            lines += [f"password_file {password_file}", f"acl_file {acl_file}"]
-        for port, protocol in ((self.port, "mqtt"), (self._ws_port, "websockets")):
-            lines += [f"listener {port} {self.host}", f"protocol {protocol}", "max_connections -1"]
+        anonymous = f"allow_anonymous {'true' if self.allow_anonymous else 'false'}"
+        if not self.auth:
+            lines.append(anonymous)
+            for port, protocol in ((self.port, "mqtt"), (self._ws_port, "websockets")):
+                lines += [f"listener {port} {self.host}", f"protocol {protocol}", "max_connections -1"]
+        else:
+            listeners = (
+                (self.port, "mqtt", Role.DEVICE),
+                (self._service_port, "mqtt", Role.SERVICE),
+                (self._ws_port, "websockets", Role.PORTAL),
+            )
+            for port, protocol, role in listeners:
+                password_file, acl_file = workdir / f"passwords-{role.value}", workdir / f"acl-{role.value}"
+                lines += [
+                    f"listener {port} {self.host}",
+                    f"protocol {protocol}",
+                    "max_connections -1",
+                    anonymous,
+                ]
+                lines += [f"password_file {password_file}", f"acl_file {acl_file}"]
+                if role == Role.DEVICE:
+                    # A device's client id is its username, whatever it sends: no takeover of another.
+                    lines.append("use_username_as_clientid true")
+            if self.tls is not None:
+                # Devices with a client certificate: its common name is the MQTT user, and the client id.
+                lines += [
+                    f"listener {self.tls_port} {self.host}",
+                    "protocol mqtt",
+                    "max_connections -1",
+                    "allow_anonymous false",
+                    f"cafile {self.tls.cafile}",
+                    f"certfile {self.tls.certfile}",
+                    f"keyfile {self.tls.keyfile}",
+                    "require_certificate true",
+                    "use_identity_as_username true",
+                    "use_username_as_clientid true",
+                    f"acl_file {workdir / 'acl-device'}",
+                ]
         lines += self.extra_config
         conf.write_text("\n".join(lines) + "\n")
         return [str(self.executable), "-c", str(conf)], str(conf)
@@ -483,6 +592,7 @@ class AmqttBroker(MqttBroker):
             plugins["orchestrator.embedded.amqtt_plugins.PasswordFileAuthPlugin"] = {
                 "password_file": str(password_file),
                 "allow_anonymous": self.allow_anonymous,
+                "acl_file": str(acl_file),
             }
             plugins["orchestrator.embedded.amqtt_plugins.TopicAclFilePlugin"] = {"acl_file": str(acl_file)}
         else:

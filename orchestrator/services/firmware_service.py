@@ -13,7 +13,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
-from orchestrator.errors import AlreadyExists, InvalidInput, NotFound, PayloadTooLarge
+from orchestrator.errors import (
+    AlreadyExists,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+)
 from orchestrator.models import Firmware
 from orchestrator.protocol import FirmwareRef, verify_manifest_signature
 from orchestrator.signing import load_private_key, load_public_key, sign_manifest
@@ -92,3 +99,40 @@ def get_firmware(session: Session, firmware_id: int) -> Firmware:
     if firmware is None:
         raise NotFound(f"firmware {firmware_id} does not exist", field="firmware_id")
     return firmware
+
+
+_RANGE = re.compile(r"^bytes=(\d{1,19})-(\d{0,19})$")
+
+
+def check_range(header: str, size: int) -> None:
+    """Accept a single ``bytes=START-[END]`` range inside the image; else 416 with the JSON error."""
+    match = _RANGE.match(header.strip())
+    if match is None:
+        raise RangeNotSatisfiable(
+            f"Range {header[:60]!r} is not a single byte range like 'bytes=1024-' or 'bytes=0-1023'",
+            field="range",
+        )
+    start, end = int(match[1]), int(match[2]) if match[2] else None
+    if start >= size or (end is not None and end < start):
+        raise RangeNotSatisfiable(
+            f"Range {header[:60]!r} is outside the image of {size} bytes", field="range", size=size
+        )
+
+
+def require_update_in_progress(session: Session, firmware_id: int, device_id: str) -> None:
+    """The token's device must have an update of this firmware in flight (a token outlives its use)."""
+    from orchestrator.models import DeviceUpdate, Rollout
+    from orchestrator.state_machines import UPDATE_IN_FLIGHT
+
+    active = session.scalar(
+        select(DeviceUpdate.id)
+        .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
+        .where(
+            DeviceUpdate.device_id == device_id,
+            Rollout.firmware_id == firmware_id,
+            DeviceUpdate.state.in_(UPDATE_IN_FLIGHT),
+        )
+        .limit(1)
+    )
+    if active is None:
+        raise Forbidden(f"device {device_id} has no update of firmware {firmware_id} in progress")

@@ -12,6 +12,7 @@ from orchestrator.config import Settings
 from orchestrator.models import Firmware
 from orchestrator.signing import make_download_token
 from tests.api.conftest import assert_error, sample, upload
+from tests.factories import add_devices
 
 
 def test_upload_with_the_manifest_signature(client: TestClient, operator: dict[str, str]) -> None:
@@ -133,18 +134,54 @@ def test_firmware_errors(client: TestClient, viewer: dict[str, str]) -> None:
 
 
 def test_content_with_download_token_and_range(
-    client: TestClient, operator: dict[str, str], api_settings: Settings
+    client: TestClient, operator: dict[str, str], api_settings: Settings, session: Session
 ) -> None:
     fw = sample()
     firmware_id = upload(client, operator).json()["id"]
-    token = make_download_token(api_settings.secret_key, firmware_id, "dev-1")
+    _offer_to(session, firmware_id, "dev-00000")
+    token = make_download_token(api_settings.secret_key, firmware_id, "dev-00000")
     auth = {"Authorization": f"Bearer {token}"}
     whole = client.get(f"/v1/firmware/{firmware_id}/content", headers=auth)
     assert whole.status_code == 200 and hashlib.sha256(whole.content).hexdigest() == fw.sha256
     part = client.get(f"/v1/firmware/{firmware_id}/content", headers={**auth, "Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == fw.path.read_bytes()[100:200]
+    # Malformed or unsatisfiable ranges answer the JSON error model
+    for bad in ("bytes=abc-", "bytes=1-2,5-9", "items=0-1"):
+        response = client.get(f"/v1/firmware/{firmware_id}/content", headers={**auth, "Range": bad})
+        assert_error(response, 416, "range_not_satisfiable", "range")
+    beyond = client.get(f"/v1/firmware/{firmware_id}/content", headers={**auth, "Range": f"bytes={fw.size}-"})
+    assert_error(beyond, 416, "range_not_satisfiable", "range")
+    assert beyond.headers["content-range"] == f"bytes */{fw.size}"
+    # A valid token of a device with no update of this image in progress fetches nothing
+    idle = make_download_token(api_settings.secret_key, firmware_id, "dev-00001")
+    response = client.get(f"/v1/firmware/{firmware_id}/content", headers={"Authorization": f"Bearer {idle}"})
+    assert_error(response, 403, "forbidden")
+    assert "dev-00001 has no update" in response.json()["message"]
     # An API token is no download token, and a token for another image does not fit.
     assert_error(client.get(f"/v1/firmware/{firmware_id}/content", headers=operator), 403, "forbidden")
-    other = make_download_token(api_settings.secret_key, firmware_id + 1, "dev-1")
+    other = make_download_token(api_settings.secret_key, firmware_id + 1, "dev-00000")
     response = client.get(f"/v1/firmware/{firmware_id}/content", headers={"Authorization": f"Bearer {other}"})
     assert_error(response, 403, "forbidden")
+
+
+def _offer_to(session: Session, firmware_id: int, device_id: str) -> None:
+    """A rollout of the image to two devices, with ``device_id``'s update offered (in progress)."""
+    from sqlalchemy import select
+
+    from orchestrator.models import DeviceUpdate
+    from orchestrator.policy import RolloutPolicy, Target
+    from orchestrator.services.rollout_planner import create_rollout
+    from orchestrator.state_machines import UpdateEvent
+    from orchestrator.transitions import transition_update
+
+    add_devices(session, 2)
+    rollout = create_rollout(
+        session, name="r", firmware_id=firmware_id, target=Target(model="sensor-v2"), policy=RolloutPolicy()
+    )
+    session.commit()
+    du = session.scalars(
+        select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout.id, DeviceUpdate.device_id == device_id)
+    ).one()
+    transition_update(session, du, UpdateEvent.ENQUEUE)
+    transition_update(session, du, UpdateEvent.OFFER)
+    session.commit()
