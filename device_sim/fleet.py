@@ -210,6 +210,8 @@ class SimulatedFleet:
             on_connect=self._on_connect,
             stats=self.stats,
             http_connections=cfg.http_connections,
+            # With a private CA the firmware URL is HTTPS under that CA too.
+            http_verify=str(cfg.tls_ca) if cfg.tls_ca is not None else True,
         )
         labels = dict(cfg.labels)  # one dict shared by every agent
         self._t0 = time.perf_counter()

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     portal_mqtt_password: str | None = Field(default=None, description="password of portal_mqtt_username")
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_tls_cert: Path | None = Field(default=None, description="serve HTTPS with this certificate (PEM)")
+    api_tls_key: Path | None = Field(default=None, description="the private key of api_tls_cert")
     public_base_url: str = Field(default="http://127.0.0.1:8000", description="devices download from here")
     api_url: str = Field(default="http://127.0.0.1:8000", description="where the CLI reaches the HTTP API")
     api_token: str | None = Field(default=None, description="bearer token the CLI sends to the HTTP API")

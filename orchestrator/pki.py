@@ -83,7 +83,7 @@ def init_ca(
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .sign(key, hashes.SHA256())
     )
     _write(files.key, _key_pem(key), 0o600)

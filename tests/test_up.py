@@ -402,8 +402,15 @@ def test_compose_file_has_the_production_services() -> None:
     mosquitto = services["mosquitto"]
     assert mosquitto["image"].startswith("eclipse-mosquitto:2")
     mounts = " ".join(mosquitto["volumes"])
-    assert "docs/deploy/mosquitto/acl" in mounts and "passwords" in mounts
-    assert any(p.split(":")[-1] == "9001" for p in mosquitto["ports"])
+    for role in ("device", "service", "portal"):
+        assert f"docs/deploy/mosquitto/acl-{role}" in mounts and f"passwords-{role}" in mounts
+    assert "ca.crt" in mounts and "mosquitto.key" in mounts
+    published = {p.split(":")[-1] for p in mosquitto["ports"]}
+    assert published == {"1883", "8883", "9001"}  # the services listener (1884) stays inside
+    assert (
+        "--tls-cert-dir" in services["sim"]["command"]
+        and "mqtts://mosquitto:8883" in services["sim"]["command"]
+    )
     assert services["migrate"]["command"] == ["fleet", "db", "upgrade"]
     assert services["migrate"]["restart"] == "no"
     assert services["sim"]["profiles"] == ["sim"]
@@ -413,7 +420,7 @@ def test_compose_file_has_the_production_services() -> None:
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     # Scalable: no fixed container name and no published port.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
-    for path in ("mosquitto/mosquitto.conf", "mosquitto/acl", "env.example"):
+    for path in ("mosquitto/mosquitto.conf", "mosquitto/acl-device", "mosquitto/acl-portal", "env.example"):
         assert (DEPLOY / path).is_file()
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile and "[postgres]" in dockerfile
@@ -425,8 +432,13 @@ def test_mosquitto_files_match_the_fleet_acl_rules() -> None:
         MqttUser("portal", "x", Role.PORTAL),
         MqttUser("sim-00000", "x", Role.DEVICE),
     ]
-    assert (DEPLOY / "mosquitto" / "acl").read_text() == render_mosquitto_acl(users)
+    for role in Role:
+        members = [u for u in users if u.role == role]
+        expected = render_mosquitto_acl(members, device_patterns=role == Role.DEVICE)
+        assert (DEPLOY / "mosquitto" / f"acl-{role.value}").read_text() == expected
     conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text().split("\n")
+    assert "per_listener_settings true" in conf and "use_username_as_clientid true" in conf
+    assert "require_certificate true" in conf and "use_identity_as_username true" in conf
     assert "allow_anonymous false" in conf
     assert "listener 1883" in conf and "listener 9001" in conf and "protocol websockets" in conf
     env = (DEPLOY / "env.example").read_text()

@@ -32,16 +32,22 @@ def ca_init(
 
 @ca_app.command("issue")
 def ca_issue(
-    device: str = typer.Argument(
-        ..., help="device id: it becomes the certificate's common name and MQTT user"
-    ),
+    devices: list[str] = typer.Argument(None, help="device ids: each becomes a certificate's common name"),
+    count: int = typer.Option(0, min=0, help="also PREFIX00000 … for this many simulated devices"),
+    prefix: str = typer.Option("sim-", help="with --count: device ids are PREFIX + zero-padded index"),
     directory: Path = CaDir,
     out: Path = typer.Option(None, help="output directory (default <dir>/devices)"),
     days: int = typer.Option(825, min=1),
 ) -> None:
-    """Issue a device's client certificate and key (``DEVICE.crt``, ``DEVICE.key``)."""
-    files = pki.issue_device(directory, device, out, days=days)
-    console.print(f"{device}: certificate {files.cert}, key {files.key}")
+    """Issue client certificates and keys (``DEVICE.crt``, ``DEVICE.key``), one per device."""
+    from device_sim.fleet import FleetConfig
+
+    ids = list(devices or []) + (FleetConfig(devices=count, id_prefix=prefix).ids() if count else [])
+    if not ids:
+        raise typer.BadParameter("name at least one device id, or --count N")
+    for device in ids:
+        files = pki.issue_device(directory, device, out, days=days)
+    console.print(f"{len(ids)} device certificate(s) in {files.cert.parent}")
 
 
 @ca_app.command("server")

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.api.token_cli import token_app
-from orchestrator.cli import demo_cmd, rollout_cmds, up_cmd
+from orchestrator.cli import broker_cmd, demo_cmd, rollout_cmds, up_cmd
 from orchestrator.cli.ca_cmd import ca_app
 from orchestrator.config import get_settings
 from orchestrator.errors import FleetError
@@ -22,7 +22,7 @@ app.add_typer(rollout_cmds.rollout_app, name="rollout")
 app.add_typer(rollout_cmds.devices_app, name="devices")
 app.command("demo")(demo_cmd.demo)
 app.command("up")(up_cmd.up)
-app.command("broker-users")(up_cmd.broker_users)
+app.command("broker-users")(broker_cmd.broker_users)
 app.add_typer(token_app, name="token")
 app.add_typer(ca_app, name="ca")
 console = Console(stderr=True)
@@ -114,6 +114,8 @@ def api(
         port=port or settings.api_port,
         log_level="info",
         log_config=log_config(),
+        ssl_certfile=str(settings.api_tls_cert) if settings.api_tls_cert else None,
+        ssl_keyfile=str(settings.api_tls_key) if settings.api_tls_key else None,
     )
 
 
