@@ -268,6 +268,7 @@ def test_cli_in_the_same_directory_finds_the_running_demo(
             [*cli, "watch", "1", "--timeout", "20"], env=env, cwd=workdir, capture_output=True, text=True
         )
         assert watch.returncode == 0 and "COMPLETED" in watch.stdout, watch.stdout + watch.stderr
+        _check_private_stack(workdir / "var" / "up")
         # An explicit URL still wins (and gets no token: the stack's is for its own API only)
         other = subprocess.run(
             [*cli, "list", "--api-url", "http://127.0.0.1:9"],
@@ -288,6 +289,35 @@ def test_cli_in_the_same_directory_finds_the_running_demo(
     # Once the stack has stopped, the CLI no longer uses its file
     after = subprocess.run([*cli, "list"], env=env, cwd=workdir, capture_output=True, text=True, timeout=30)
     assert after.returncode == 1 and "cannot connect to the API" in after.stderr
+
+
+def _check_private_stack(data_dir: Path) -> None:
+    """What a `fleet up` keeps to itself: its files, its Redis, its download-token key."""
+    import urllib.error
+    import urllib.request
+
+    import redis
+
+    from orchestrator.config import DEV_ONLY_SECRET
+    from orchestrator.signing import make_download_token
+
+    info = json.loads((data_dir / "stack.json").read_text())
+    assert data_dir.stat().st_mode & 0o077 == 0
+    for path in [data_dir / "fleet.db", data_dir / "secrets.json", data_dir / "keys" / "signing.pem"]:
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (data_dir / "logs").iterdir())
+    # Redis wants the stack's password
+    no_password = info["redis_url"].replace(info["redis_url"].split("@")[0] + "@", "redis://")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(no_password).ping()
+    # A download token signed with the public default key fetches nothing
+    forged = make_download_token(DEV_ONLY_SECRET, 1, "sim-00000")
+    request = urllib.request.Request(
+        f"{info['api_url']}/v1/firmware/1/content", headers={"Authorization": f"Bearer {forged}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403 and b"not valid for this firmware" in refused.value.read()
 
 
 def test_stack_file_is_used_only_when_private_and_alive(tmp_path: Path) -> None:

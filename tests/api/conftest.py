@@ -1,6 +1,6 @@
 """An API app per test over a fresh migrated database and the session's Redis, plus tokens.
 
-Routes that start, resume or abort rollouts send ``fleet.kick_rollout``; the Celery app is pointed
+Routes that start, resume or abort rollouts send ``fleet.kick``; the engine's sender is pointed
 at the test Redis so those messages land in its queue (no worker consumes them here).
 """
 
