@@ -514,6 +514,9 @@ class MosquittoBroker(MqttBroker):
             "log_type warning",
             "connection_messages false",
             "set_tcp_nodelay true",
+            # Device messages are small (ingest reads at most 8 KiB): a client sending a bigger
+            # packet is disconnected by the broker before it costs anyone memory.
+            "max_packet_size 65536",
         ]
         if self.data_dir is not None:
             # Retained desired documents, portal topics and queued reports survive a restart.

@@ -107,10 +107,11 @@ class Guard:
         self._rejections: dict[str, tuple[float, int]] = {}
         self._throttled_logged: dict[str, float] = {}
 
-    def parse(self, messages: list[tuple[str, bytes, bool]]) -> Parsed:
-        """``(topic, payload, retained)`` triples -> what to apply. Never raises."""
+    def parse(self, messages: list[tuple[str, bytes, bool, int]]) -> Parsed:
+        """``(topic, payload, retained, size)`` -> what to apply. Never raises. An oversized payload
+        may come empty (dropped on receipt): ``size`` tells."""
         out = Parsed()
-        for topic, payload, retained in messages:
+        for topic, payload, retained, size in messages:
             parts = device_topic_parts(topic)
             if parts is None or not _DEVICE_ID.match(parts[0]):
                 self.stats["unexpected_topic"] += 1
@@ -122,16 +123,16 @@ class Guard:
                 self.stats["retained_report_ignored"] += 1
                 self._reject(out, device_id, kind, "retained report")
                 continue
-            if not payload:
-                continue  # a cleared retained topic
             if not self.limiter.allow(device_id):
                 self.stats["throttled"] += 1
                 self._throttled(device_id)
                 continue
-            if len(payload) > MAX_DEVICE_PAYLOAD:
+            if size > MAX_DEVICE_PAYLOAD:
                 self.stats[f"oversized_{kind}"] += 1
-                self._reject(out, device_id, kind, f"payload of {len(payload)} bytes > {MAX_DEVICE_PAYLOAD}")
+                self._reject(out, device_id, kind, f"payload of {size} bytes > {MAX_DEVICE_PAYLOAD}")
                 continue
+            if not payload:
+                continue  # a cleared retained topic
             try:
                 if kind == "report":
                     out.reports.append((device_id, Report.model_validate_json(payload)))

@@ -26,7 +26,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiomqtt
 import redis
@@ -45,7 +45,12 @@ from orchestrator.ingest.report_applier import BatchOutcome, ReportApplier
 from orchestrator.models import Event
 from orchestrator.mqtt_link import BrokerAddress
 from orchestrator.portal import rollout_message
-from orchestrator.protocol import INFO_SUBSCRIPTION, ONLINE_SUBSCRIPTION, REPORT_SUBSCRIPTION
+from orchestrator.protocol import (
+    INFO_SUBSCRIPTION,
+    MAX_DEVICE_PAYLOAD,
+    ONLINE_SUBSCRIPTION,
+    REPORT_SUBSCRIPTION,
+)
 
 log = logging.getLogger(__name__)
 STATS_KEY = "fleet:ingest:stats"
@@ -150,7 +155,7 @@ class IngestService:
         if self.shared:
             report_topic = f"$share/{self.settings.ingest_share_group}/{REPORT_SUBSCRIPTION}"
         await client.subscribe([(report_topic, 1), (INFO_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1)])
-        queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        queue: asyncio.Queue[Incoming] = asyncio.Queue()
         tasks = [
             asyncio.create_task(self._read(client, queue)),
             asyncio.create_task(
@@ -176,24 +181,23 @@ class IngestService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _read(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
+    async def _read(self, client: aiomqtt.Client, queue: asyncio.Queue[Incoming]) -> None:
         async for message in client.messages:
-            queue.put_nowait(message)
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            size = len(payload)
+            if size > MAX_DEVICE_PAYLOAD:
+                payload = b""  # never kept: a flood of huge messages must not pile up in memory
+            queue.put_nowait(
+                Incoming(
+                    message.topic.value, bytes(payload), bool(message.retain), message.qos, message.mid, size
+                )
+            )
 
     # ------------------------------------------------------------------ batches
     async def _handle_until_applied(
-        self, client: aiomqtt.Client, batch: list[aiomqtt.Message], stop: asyncio.Event
+        self, client: aiomqtt.Client, batch: list[Incoming], stop: asyncio.Event
     ) -> None:
-        parsed = self.guard.parse(
-            [
-                (
-                    m.topic.value,
-                    m.payload if isinstance(m.payload, bytes | bytearray) else b"",
-                    bool(m.retain),
-                )
-                for m in batch
-            ]
-        )
+        parsed = self.guard.parse([(m.topic, m.payload, m.retain, m.size) for m in batch])
         self.stats["received"] += len(batch)
         self.stats["batches"] += 1
         if not parsed:
@@ -369,9 +373,18 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-async def _next_batch(
-    queue: asyncio.Queue[aiomqtt.Message], size: int, stop: asyncio.Event
-) -> list[aiomqtt.Message]:
+class Incoming(NamedTuple):
+    """A received message, reduced to what ingest needs (an oversized payload is dropped at once)."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+    mid: int
+    size: int
+
+
+async def _next_batch(queue: asyncio.Queue[Incoming], size: int, stop: asyncio.Event) -> list[Incoming]:
     """Whatever has accumulated, up to ``size``; waits (briefly, to notice ``stop``) when empty."""
     try:
         first = await asyncio.wait_for(queue.get(), timeout=0.5)

@@ -93,13 +93,15 @@ def test_device_info_is_bounded() -> None:
 def test_guard_records_rejections_per_device_with_a_budget() -> None:
     guard = Guard(rate=1000, burst=1000)
     topic = "fleet/v1/devices/dev-1/report"
-    parsed = guard.parse([(topic, b"{bad", False) for _ in range(20)])
+    parsed = guard.parse([(topic, b"{bad", False, 4) for _ in range(20)])
     assert not parsed.reports
     assert len(parsed.rejected) == 5  # a few events per device and minute, the rest only counted
     assert guard.stats["malformed_report"] == 20 and guard.stats["rejected_not_recorded"] == 15
-    retained = guard.parse([(topic, b'{"x": 1}', True)])
+    retained = guard.parse([(topic, b'{"x": 1}', True, 8)])
     assert guard.stats["retained_report_ignored"] == 1 and not retained.reports
-    odd = guard.parse([("fleet/v1/devices/a+b/report", b"{}", False)])
+    odd = guard.parse([("fleet/v1/devices/a+b/report", b"{}", False, 2)])
+    huge = guard.parse([("fleet/v1/devices/dev-2/report", b"", False, 1_000_000)])
+    assert guard.stats["oversized_report"] == 1 and len(huge.rejected) == 1
     assert guard.stats["unexpected_topic"] == 1 and not odd
 
 
