@@ -168,7 +168,7 @@ class Run:
 def _speed(args: argparse.Namespace) -> dict[str, str]:
     if args.quick:
         # Seconds per device, so that every fault of the schedule lands while the rollout runs.
-        return {"install_time": "1:3", "boot_time": "1:3", "offline_time": "1:2"}
+        return {"install_time": "2:4", "boot_time": "2:4", "offline_time": "1:2"}
     return {}
 
 
@@ -485,14 +485,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ingests", type=int, default=1, help="ingest processes (more than one: $share group)"
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="longest a rollout may take")
-    parser.add_argument("--quick", action="store_true", help="100 faster devices, a fault every 2.5 s (CI)")
+    parser.add_argument("--quick", action="store_true", help="100 faster devices, a fault every 2 s (CI)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the undisturbed run")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     args = parser.parse_args(argv)
     if args.quick:
         args.devices = min(args.devices, 100)
-        args.spacing = args.spacing or 2.5
+        args.spacing = args.spacing or 2.0
     return args
 
 

@@ -84,7 +84,7 @@ def running_harness(
         },
     )
     stack = LocalStack(settings)
-    h = Harness(stack, mqtt_broker.host, mqtt_broker.port)
+    h = Harness(stack, mqtt_broker.host, mqtt_broker.port, mqtt_broker.kind)
     try:
         stack.start_all()
         yield h
@@ -94,8 +94,9 @@ def running_harness(
 
 
 class Harness:
-    def __init__(self, stack: LocalStack, broker_host: str, broker_port: int) -> None:
+    def __init__(self, stack: LocalStack, broker_host: str, broker_port: int, broker_kind: str = "") -> None:
         self.stack = stack
+        self.broker_kind = broker_kind
         self.database_url = stack.settings.database_url
         self.broker_url = stack.settings.mqtt_url
         self.broker_host = broker_host

@@ -44,6 +44,8 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.fixture
 def rt(database_url: str, redis_url: str, mqtt_broker: Any) -> Iterator[Runtime]:
+    if database_url.startswith("sqlite") == (mqtt_broker.kind == "external"):
+        pytest.skip("runs on [sqlite-embedded] and [postgres-external] only")
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, database_url=database_url, redis_url=redis_url, mqtt_url=mqtt_broker.url, stall_s=1
     )

@@ -9,6 +9,7 @@ valid report, record the rest as rejected, and change no row it should not.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 
 import paho.mqtt.client as mqtt
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _publisher(h: Harness) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="hostile-device")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"hostile-{secrets.token_hex(4)}")
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect(h.broker_host, h.broker_port)
@@ -60,12 +61,12 @@ def test_hostile_reports_are_rejected_and_the_valid_one_applied(harness: Harness
         _report(own.id, 2**70, "VERIFIED", 2),
         _report(own.id, 1, "VERIFIED", 2**64),
         _report(own.id, 1, "VERIFIED", -1),
-        _report(own.id, 1, "VERIFIED", 3, version="x" * (1024 * 1024)),  # 1 MiB version string
+        _report(own.id, 1, "VERIFIED", 3, version="x" * 60_000),  # far over its 64-character column
         _report("1", "1", "VERIFIED", "4"),  # wrong types
         _report(own.id, 1, "EXPLODED", 5),
         _report(other.id, 1, "SUCCEEDED", 6),  # another device's update
         b"{not json",
-        b"x" * 1_000_000,
+        b"x" * 50_000,  # over ingest's 8 KiB, under the broker's 64 KiB packet limit
         json.dumps({"update_id": own.id, "attempt": 1.5, "state": "VERIFIED", "seq": 7}).encode(),
     ]
     for payload in hostile[:5]:
@@ -89,6 +90,13 @@ def test_hostile_reports_are_rejected_and_the_valid_one_applied(harness: Harness
         )
     assert rejected and rejected >= 5, rejected
     assert mismatch == 1
+    # A 1 MB payload does not even reach ingest: the broker drops the client that sends it
+    big = _publisher(harness)
+    dropped: list[object] = []
+    big.on_disconnect = lambda *args: dropped.append(args)
+    big.publish(topic, b"x" * 1_000_000, qos=1)
+    assert harness.wait(lambda: bool(dropped), 10) or harness.broker_kind == "amqtt"
+    big.loop_stop()
     # And a later valid report still gets through
     pub.publish(topic, _report(own.id, 1, "INSTALLING", 20), qos=1, retain=True).wait_for_publish(5)
     assert harness.wait(lambda: _accepted_seq(harness, own.id, 20) is True, 10)

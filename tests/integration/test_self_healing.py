@@ -141,8 +141,8 @@ def test_a_worker_killed_while_launching_a_wave_costs_seconds(
     # A dead worker's reserved messages would come back only after the visibility timeout (10 min here).
     env = {"FLEET_CELERY_VISIBILITY_TIMEOUT_S": "600"}
     with running_harness(tmp_path / "stack", database_url, redis_url, mqtt_broker, extra_env=env) as h:
-        h.start_fleet(700, prefix="lw-", profile="instant")
-        rollout_id = h.start_rollout("lw-", RolloutPolicy(waves=["100%"], max_in_flight=1000))
+        h.start_fleet(300, prefix="lw-", profile="instant")
+        rollout_id = h.start_rollout("lw-", RolloutPolicy(waves=["100%"], max_in_flight=100))
         # When the worker and its pool are killed as soon as the wave runs (admission under way)
         worker = next(n for n in h.stack.processes if n.startswith("worker"))
 
@@ -156,7 +156,7 @@ def test_a_worker_killed_while_launching_a_wave_costs_seconds(
         h.stack.start_worker()
         # Then the reconciler resumes the launch from SQL well before any redelivery
         h.wait_status(rollout_id, "COMPLETED", timeout=240)
-        assert h.counts(rollout_id) == {"SUCCEEDED": 700}, launched
+        assert h.counts(rollout_id) == {"SUCCEEDED": 300}, launched
         assert_one_end_state_and_full_trail(h, rollout_id)
         _no_retries(h, rollout_id)
 
