@@ -7,11 +7,12 @@ compare-and-set UPDATEs that only touch rows still in the expected state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import Boolean, String, bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.models import DeviceUpdate, Event, Rollout, Wave, utcnow
@@ -89,7 +90,8 @@ class RowChange:
     """A computed change of one DeviceUpdate row: from ``old`` through ``events`` to ``new``.
 
     ``events`` are the state-machine events applied in order (several when a batch held several
-    reports of one device); the path is re-validated against the table before writing.
+    reports of one device; none for a progress-only change); the path is re-validated against the
+    table before writing. ``error_code`` None keeps the row's; ``set_deadline`` writes ``deadline_at``.
     """
 
     du_id: int
@@ -97,37 +99,87 @@ class RowChange:
     old: UpdateState
     events: tuple[UpdateEvent, ...]
     new: UpdateState
-    values: dict[str, Any]
+    progress: int
+    last_seq: int | None
+    error_code: str | None = None
+    deadline_at: datetime | None = None
+    set_deadline: bool = False
 
 
-def apply_row_change(session: Session, change: RowChange) -> bool:
-    """Compare-and-set one row on its version; False when another writer got there first.
+_T = DeviceUpdate.__table__.c
+# One statement for every shape of change, so a batch is a single executemany.
+_CAS = (
+    update(DeviceUpdate.__table__)  # type: ignore[arg-type]
+    .where(_T.id == bindparam("b_id"), _T.version == bindparam("b_old_version"))
+    .values(
+        state=bindparam("b_state"),
+        version=bindparam("b_new_version"),
+        progress=bindparam("b_progress"),
+        last_seq=bindparam("b_last_seq"),
+        updated_at=bindparam("b_now"),
+        redrive_at=None,
+        error_code=func.coalesce(bindparam("b_error", type_=String), _T.error_code),
+        deadline_at=case(
+            (bindparam("b_set_deadline", type_=Boolean), bindparam("b_deadline", type_=_T.deadline_at.type)),
+            else_=_T.deadline_at,
+        ),
+        finished_at=case(
+            (bindparam("b_finished", type_=Boolean), bindparam("b_now2", type_=_T.finished_at.type)),
+            else_=_T.finished_at,
+        ),
+    )
+)
 
-    The caller inserts the matching Event rows once the change applied.
-    """
+
+def _validate(change: RowChange) -> None:
     state = change.old
     for event in change.events:
         state = next_update_state(state, event, entity_id=change.du_id)
     if state != change.new:
         raise ValueError(f"update {change.du_id}: events lead to {state}, not {change.new}")
+
+
+def apply_row_changes(session: Session, changes: Sequence[RowChange]) -> set[int]:
+    """Compare-and-set many rows on their versions in one executemany; returns the ids another
+    writer changed first (left alone). The caller inserts the matching Event rows."""
+    if not changes:
+        return set()
+    for change in changes:
+        _validate(change)
     now = utcnow()
-    values: dict[str, Any] = {
-        "state": change.new,
-        "version": change.expected_version + 1,
-        "updated_at": now,
-        "redrive_at": None,
-        **change.values,
+    params = []
+    for c in changes:
+        ended = c.new in UPDATE_END_STATES
+        params.append(
+            {
+                "b_id": c.du_id,
+                "b_old_version": c.expected_version,
+                "b_new_version": c.expected_version + 1,
+                "b_state": c.new,
+                "b_progress": 100 if c.new == UpdateState.SUCCEEDED else c.progress,
+                "b_last_seq": c.last_seq,
+                "b_now": now,
+                "b_error": c.error_code,
+                "b_set_deadline": c.set_deadline or ended,
+                "b_deadline": None if ended else c.deadline_at,
+                "b_finished": ended,
+                "b_now2": now,
+            }
+        )
+    connection = session.connection()
+    result = connection.execute(_CAS, params)
+    if result.rowcount == len(params) and (
+        len(params) == 1 or connection.dialect.supports_sane_multi_rowcount
+    ):
+        return set()
+    # Some rows moved meanwhile: ours carry this call's exact updated_at, the others do not.
+    ids = [c.du_id for c in changes]
+    ours = {
+        row_id
+        for row_id, updated_at in connection.execute(select(_T.id, _T.updated_at).where(_T.id.in_(ids)))
+        if updated_at == now
     }
-    if change.new in UPDATE_END_STATES:
-        values.setdefault("finished_at", now)
-        values.setdefault("deadline_at", None)
-    result = session.execute(
-        update(DeviceUpdate)
-        .where(DeviceUpdate.id == change.du_id, DeviceUpdate.version == change.expected_version)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return set(ids) - ours
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.models import Device, Event, utcnow
@@ -45,22 +45,49 @@ def apply_inventory(
                 for r in new_rows
             ],
         )
-    updated = 0
-    for device_id, info in infos.items():
-        if device_id in known:
-            values = {
-                "model": info.model,
-                "firmware_version": info.running_version,
-                "slot": info.slot,
-                "agent_version": info.agent_version,
-                "last_seen": now,
-            }
-            if info.labels:
-                values["labels"] = info.labels
-            session.execute(update(Device).where(Device.id == device_id).values(**values))
-            updated += 1
-    for device_id, online in presence.items():
-        if device_id in known or device_id in infos:
-            session.execute(update(Device).where(Device.id == device_id).values(online=online, last_seen=now))
+    table = Device.__table__
+    # One executemany per kind of change: a batch of a thousand devices is two statements, not 2,000.
+    refreshed = [
+        {
+            "b_id": device_id,
+            "b_model": info.model,
+            "b_version": info.running_version,
+            "b_slot": info.slot,
+            "b_agent": info.agent_version,
+            "b_seen": now,
+        }
+        for device_id, info in infos.items()
+        if device_id in known
+    ]
+    if refreshed:
+        session.connection().execute(
+            update(table)  # type: ignore[arg-type]
+            .where(table.c.id == bindparam("b_id"))
+            .values(
+                model=bindparam("b_model"),
+                firmware_version=bindparam("b_version"),
+                slot=bindparam("b_slot"),
+                agent_version=bindparam("b_agent"),
+                last_seen=bindparam("b_seen"),
+            ),
+            refreshed,
+        )
+    labelled = [{"b_id": d, "b_labels": i.labels} for d, i in infos.items() if d in known and i.labels]
+    if labelled:
+        session.connection().execute(
+            update(table).where(table.c.id == bindparam("b_id")).values(labels=bindparam("b_labels")),  # type: ignore[arg-type]
+            labelled,
+        )
+    updated = len(refreshed)
+    seen = [
+        {"b_id": d, "b_online": o, "b_seen": now} for d, o in presence.items() if d in known or d in infos
+    ]
+    if seen:
+        session.connection().execute(
+            update(table)  # type: ignore[arg-type]
+            .where(table.c.id == bindparam("b_id"))
+            .values(online=bindparam("b_online"), last_seen=bindparam("b_seen")),
+            seen,
+        )
     session.commit()
     return len(new_rows), updated

@@ -37,7 +37,7 @@ from orchestrator.state_machines import (
     UpdateState,
     report_event,
 )
-from orchestrator.transitions import RowChange, apply_row_change
+from orchestrator.transitions import RowChange, apply_row_changes
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class ReportApplier:
         pending = dict(by_update)
         for _round in range(CAS_ROUNDS):
             snaps = self._load(session, sorted(pending))
-            conflicts: dict[int, list[tuple[str, Report]]] = {}
+            plans: list[_Plan] = []
             for update_id, items in pending.items():
                 snap = snaps.get(update_id)
                 if snap is None:
@@ -167,11 +167,13 @@ class ReportApplier:
                 if not plan.events and plan.progress == snap.progress and plan.last_seq == snap.last_seq:
                     events.extend(plan.event_rows)  # nothing to write but the ignored reports
                     continue
-                if not self._write(session, plan, now):
-                    conflicts[update_id] = items
-                    continue
-                events.extend(plan.event_rows)
-                self._record(plan, out)
+                plans.append(plan)
+            lost = apply_row_changes(session, [_change(plan) for plan in plans])
+            conflicts = {plan.snap.id: pending[plan.snap.id] for plan in plans if plan.snap.id in lost}
+            for plan in plans:
+                if plan.snap.id not in lost:
+                    events.extend(plan.event_rows)
+                    self._record(plan, out)
             if not conflicts:
                 break
             out.counters["cas_retries"] += len(conflicts)
@@ -254,31 +256,6 @@ class ReportApplier:
         return None
 
     @staticmethod
-    def _write(session: Session, plan: _Plan, now: datetime) -> bool:
-        values: dict[str, Any] = {"progress": plan.progress, "last_seq": plan.last_seq}
-        if plan.error_code is not None:
-            values["error_code"] = plan.error_code
-        if plan.deadline_at is not None:
-            values["deadline_at"] = plan.deadline_at
-        if not plan.events:  # progress only: no state change
-            result = session.execute(
-                update(DeviceUpdate)
-                .where(DeviceUpdate.id == plan.snap.id, DeviceUpdate.version == plan.snap.version)
-                .values(version=plan.snap.version + 1, updated_at=now, **values)
-                .execution_options(synchronize_session=False)
-            )
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-        change = RowChange(
-            du_id=plan.snap.id,
-            expected_version=plan.snap.version,
-            old=plan.snap.state,
-            events=tuple(plan.events),
-            new=plan.state,
-            values=values,
-        )
-        return apply_row_change(session, change)
-
-    @staticmethod
     def _record(plan: _Plan, out: BatchOutcome) -> None:
         snap = plan.snap
         out.counters["applied"] += len(plan.applied)
@@ -305,6 +282,21 @@ class ReportApplier:
             out.finalize_ids.append(snap.id)
         elif plan.state == UpdateState.RETRYING:
             out.retry_rollouts.add(snap.rollout_id)
+
+
+def _change(plan: _Plan) -> RowChange:
+    return RowChange(
+        du_id=plan.snap.id,
+        expected_version=plan.snap.version,
+        old=plan.snap.state,
+        events=tuple(plan.events),
+        new=plan.state,
+        progress=plan.progress,
+        last_seq=plan.last_seq,
+        error_code=plan.error_code,
+        deadline_at=plan.deadline_at,
+        set_deadline=plan.deadline_at is not None,
+    )
 
 
 def _refresh_inventory(session: Session, versions: dict[str, str], now: datetime) -> None:

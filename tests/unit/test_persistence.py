@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -170,3 +172,54 @@ def test_rollout_version_guards_operator_races(database_url: str) -> None:
     assert s2.get_one(Rollout, rollout_id).status == "RUNNING"
     s1.close()
     s2.close()
+
+
+def test_a_batch_of_row_changes_applies_what_it_can_and_names_the_rest(session: Session) -> None:
+    from orchestrator.transitions import RowChange, apply_row_changes
+
+    add_devices(session, 3, prefix="rc-")
+    fw = add_firmware_row(session, version="7.7.7")
+    rollout = create_rollout(
+        session, name="r", firmware_id=fw.id, target=Target(model="sensor-v2"), policy=RolloutPolicy()
+    )
+    session.commit()
+    rows = list(session.scalars(select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout.id)))
+    for du in rows:
+        transition_update(session, du, UpdateEvent.ENQUEUE)
+        transition_update(session, du, UpdateEvent.OFFER)
+    session.commit()
+    changes = [
+        RowChange(
+            du.id,
+            du.version,
+            UpdateState.OFFERED,
+            (UpdateEvent.REPORT_DOWNLOADING,),
+            UpdateState.DOWNLOADING,
+            40,
+            1,
+        )
+        for du in rows
+    ]
+    # another writer moved the second row on since it was read
+    stale = changes[1]
+    changes[1] = dataclasses.replace(stale, expected_version=stale.expected_version - 1)
+    lost = apply_row_changes(session, changes)
+    session.commit()
+    assert lost == {rows[1].id}
+    session.expire_all()
+    states = {du.id: session.get_one(DeviceUpdate, du.id).state for du in rows}
+    assert states == {
+        rows[0].id: UpdateState.DOWNLOADING,
+        rows[1].id: UpdateState.OFFERED,
+        rows[2].id: UpdateState.DOWNLOADING,
+    }
+    # a path the state machine forbids is refused before anything is written
+    with pytest.raises(IllegalTransition):
+        apply_row_changes(
+            session,
+            [
+                RowChange(
+                    rows[0].id, 99, UpdateState.DOWNLOADING, (UpdateEvent.ENQUEUE,), UpdateState.QUEUED, 0, 2
+                )
+            ],
+        )
