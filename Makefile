@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(BIN)/fleet up --simulate 100 --demo
 
 bench: $(STAMP)
-	@set -e; for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python "$$f"; done
+	@set -e; for f in benchmarks/[a-z]*.py; do echo "== $$f"; $(BIN)/python "$$f"; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis

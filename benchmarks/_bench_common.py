@@ -106,6 +106,10 @@ class ProcessSampler:
     usage: dict[str, RoleUsage] = field(default_factory=dict)
     peak_total_rss_bytes: int = 0
     peak_stack_rss_bytes: int = 0  # peak of the summed RSS of every role not in ``aside``
+    # Summed RSS counts the pages a prefork parent shares with its children once per process;
+    # PSS splits each shared page among its sharers, so its sum is the memory really used.
+    peak_total_pss_bytes: int = 0
+    peak_stack_pss_bytes: int = 0
     samples: int = 0
     machine_busy_s: float = 0.0  # whole machine during the window, for spotting outside load
     wall_s: float = 0.0
@@ -159,7 +163,7 @@ class ProcessSampler:
 
     def _sample(self, baseline: bool = False) -> None:
         table = read_proc_table()
-        total_rss = stack_rss = 0
+        total_rss = stack_rss = total_pss = stack_pss = 0
         with self._lock:
             for role, root_of in self.roots.items():
                 root = root_of()
@@ -168,7 +172,7 @@ class ProcessSampler:
                 else:
                     pids = descendants(table, root) if root else []
                 usage = self.usage[role]
-                rss = 0
+                rss = pss = 0
                 for pid in pids:
                     st = table[pid]
                     key = (pid, st.start_ticks)
@@ -177,15 +181,32 @@ class ProcessSampler:
                     self._last[key] = (role, st.cpu_ticks)
                     self._names[key] = "main" if pid == root else st.comm
                     rss += st.rss_bytes
+                    pss += pss_bytes(pid)
                     usage.peak_process_rss_bytes = max(usage.peak_process_rss_bytes, st.rss_bytes)
                 usage.peak_rss_bytes = max(usage.peak_rss_bytes, rss)
                 usage.max_processes = max(usage.max_processes, len(pids))
                 total_rss += rss
+                total_pss += pss
                 if role not in self.aside:
                     stack_rss += rss
+                    stack_pss += pss
             self.peak_total_rss_bytes = max(self.peak_total_rss_bytes, total_rss)
             self.peak_stack_rss_bytes = max(self.peak_stack_rss_bytes, stack_rss)
+            self.peak_total_pss_bytes = max(self.peak_total_pss_bytes, total_pss)
+            self.peak_stack_pss_bytes = max(self.peak_stack_pss_bytes, stack_pss)
             self.samples += 1
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size from /proc/PID/smaps_rollup (0 if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def machine_busy_s() -> float:

@@ -18,6 +18,9 @@ subprocess. Scenarios (--scenario, default all):
                  (benchmarks/naive_reference.py, its own worker), capped in devices and time
   raw-mqtt       reference: this process publishes the same desired documents straight to the
                  devices and waits for every SUCCEEDED report (no orchestration)
+  realistic      fleet and the naive reference side by side on devices with the ``realistic``
+                 profile (real HTTP downloads, seconds to install and reboot; --realistic-devices,
+                 default 1000); the naive run stops after --naive-cap
 
 Prints a table with the design targets and ratios, and writes benchmarks/results/rollout_throughput.json.
 Everything it starts is stopped at the end; every wait is bounded by a timeout.
@@ -69,6 +72,7 @@ from benchmarks._bench_common import (  # noqa: E402
     rounded,
     self_cpu_s,
 )
+from benchmarks._profiles import ProfileSession, summarize  # noqa: E402
 from device_sim.fleet import FleetConfig, spawn_fleet  # noqa: E402
 from orchestrator.config import DEV_PUBLIC_KEY, Settings  # noqa: E402
 from orchestrator.db import session_scope, upgrade_database  # noqa: E402
@@ -102,7 +106,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "rollout_throughput.json"
 SAMPLES = ROOT / "firmware_samples" / "sensor-v2"
 MODEL, FROM_VERSION, TO_VERSION = "sensor-v2", "1.0.0", "1.1.0"
 PACKAGES = ("celery", "kombu", "redis", "paho-mqtt", "aiomqtt", "sqlalchemy", "uvicorn", "fastapi")
-SCENARIOS = ("zero-delay", "slow-download", "naive", "raw-mqtt")
+SCENARIOS = ("zero-delay", "slow-download", "naive", "raw-mqtt", "realistic")
 IN_FLIGHT = ("OFFERED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "REBOOTING")
 END_STATES = ("SUCCEEDED", "FAILED", "ROLLED_BACK", "TIMED_OUT", "SKIPPED", "CANCELED")
 PORTAL_DEVICE_SUBSCRIPTION = "fleet/v1/portal/rollouts/+/devices/+"
@@ -119,6 +123,11 @@ TARGETS: dict[str, dict[str, Any]] = {
     "portal_latency_p50_ms": {"limit": 5.0, "text": "report -> portal p50 < 5 ms (at 1,000 reports/s)"},
     "portal_latency_p99_ms": {"limit": 50.0, "text": "report -> portal p99 < 50 ms (at 1,000 reports/s)"},
     "create_rollout_10k_s": {"limit": 1.0, "text": "create a 10,000-device rollout < 1 s"},
+    # Performance goals set after the first release (zero-delay, same run).
+    "fleet_vs_naive_1k": {"limit": None, "text": "1,000: as fast as naive, CPU <= naive + 50 %"},
+    "zero_delay_10k_half_raw": {"limit": 0.5, "text": "10,000: >= 50 % of the raw MQTT speed"},
+    "zero_delay_10k_cpu_8ms": {"limit": 8.0, "text": "10,000: <= 8 ms CPU/device (<= 5 w/o simulator)"},
+    "stack_rss_10k_mib": {"limit": 400.0, "text": "10,000: peak RSS w/o simulator <= 400 MB"},
 }
 
 
@@ -170,18 +179,20 @@ def _trouble_lines(path: Path, offset: int = 0, limit: int = 8) -> list[str]:
     return found
 
 
-def _firmware_ref(url: str = "http://127.0.0.1:9/unused", token: str = "unused") -> FirmwareRef:
+def _firmware_ref(url: str, token: str = "unused") -> FirmwareRef:
     manifest = json.loads((SAMPLES / f"{TO_VERSION}.json").read_text())
     return FirmwareRef(**manifest, url=url, token=token)
 
 
-def _fleet_config(bench: Bench, devices: int, prefix: str, **kwargs: Any) -> FleetConfig:
+def _fleet_config(
+    bench: Bench, devices: int, prefix: str, profile: str = "instant", **kwargs: Any
+) -> FleetConfig:
     config = FleetConfig(
         broker_url=bench.broker.url,
         devices=devices,
         model=MODEL,
         version=FROM_VERSION,
-        profile="instant",
+        profile=profile,
         id_prefix=prefix,
         connect_concurrency=128,
         **kwargs,
@@ -331,10 +342,17 @@ def _ingest_stats(bench: Bench) -> dict[str, Any]:
     stats = [json.loads(v) for v in raw.values()]
     if not stats:
         return {}
-    one = stats[0]  # one ingest process in this benchmark
-    keep = ("received", "applied", "batches", "steps_sent", "cas_retries", "latency_p50_ms", "latency_p99_ms")
-    out = {k: one.get(k) for k in keep}
-    out["ignored"] = {k: v for k, v in one.items() if k.startswith("ignored_")}
+    counters = ("received", "applied", "batches", "steps_sent", "cas_retries")
+    out: dict[str, Any] = {k: sum(int(one.get(k) or 0) for one in stats) for k in counters}
+    # Several ingests: the slowest one's latency is what a portal user sees for its devices.
+    for key in ("latency_p50_ms", "latency_p99_ms"):
+        values = [one[key] for one in stats if one.get(key) is not None]
+        out[key] = max(values) if values else None
+    ignored: Counter[str] = Counter()
+    for one in stats:
+        ignored.update({k: int(v) for k, v in one.items() if k.startswith("ignored_")})
+    out["ignored"] = dict(ignored)
+    out["processes"] = len(stats)
     if out.get("received") and out.get("batches"):
         out["mean_batch"] = round(out["received"] / out["batches"], 1)
     return out
@@ -351,6 +369,7 @@ def run_rollout(
     timeout: float,
     probe: bool = True,
     download_timeout_s: float = 600,
+    profile: str = "instant",
 ) -> dict[str, Any]:
     """One rollout on a fresh stack; returns its figures."""
     args = bench.args
@@ -365,6 +384,7 @@ def run_rollout(
     monitor: ReadOnlyMonitor | None = None
     latency: PortalLatencyProbe | None = None
     sampler: ProcessSampler | None = None
+    profiles: ProfileSession | None = None
     ids: list[str] = []
     broker_mark = bench.broker_log_mark()
     try:
@@ -375,11 +395,16 @@ def run_rollout(
             redis_url=bench.redis_server.url,
             mqtt_url=bench.broker.url,
             mqtt5=bench.broker.supports_mqtt5,
+            # Several ingests split the report stream through one $share group.
+            shared_subscriptions=args.ingests > 1,
         )
         stack = LocalStack(settings)
-        with console.status(f"[{name}] starting API, ingest, {args.workers} worker(s), beat ..."):
+        with console.status(
+            f"[{name}] starting API, {args.ingests} ingest(s), {args.workers} worker(s), beat ..."
+        ):
             stack.start_api()
-            stack.start_ingest()
+            for i in range(args.ingests):
+                stack.start_ingest("ingest" if i == 0 else f"ingest-{i + 1}")
             for _ in range(args.workers):
                 stack.start_worker(concurrency=args.concurrency)
             stack.start_beat()
@@ -390,7 +415,7 @@ def run_rollout(
                 session, fw_settings, stream, model=MODEL, version=TO_VERSION, signature=manifest["signature"]
             ).id
         config = _fleet_config(
-            bench, devices, f"{name}-", params=dict(params or {}), http_connections=http_connections
+            bench, devices, f"{name}-", profile, params=dict(params or {}), http_connections=http_connections
         )
         ids = config.ids()
         fleet = _spawn_fleet(bench, config, lifetime=timeout + 600)
@@ -446,6 +471,13 @@ def run_rollout(
         tasks_before = _worker_totals()
         sampler = ProcessSampler(roles, interval=0.5).start()
         own_cpu = self_cpu_s()
+        if args.profile_seconds:
+            profiles = ProfileSession(data_dir / "profiles", args.profile_seconds)
+            for proc_name, proc in stack.processes.items():
+                if proc.pid is not None and proc_name != "api":
+                    profiles.attach(proc_name, proc.pid)
+            if fleet is not None:
+                profiles.attach("simulator", fleet.pid)
 
         t0 = time.perf_counter()
         with session_scope(url) as session:
@@ -490,6 +522,8 @@ def run_rollout(
             cpu_by_role=_usage_dict(usage),
             peak_rss_total_mib=mib(sampler.peak_total_rss_bytes),
             peak_rss_without_simulator_mib=mib(sampler.peak_stack_rss_bytes),
+            peak_pss_total_mib=mib(sampler.peak_total_pss_bytes),
+            peak_pss_without_simulator_mib=mib(sampler.peak_stack_pss_bytes),
             worker_pool_processes=max(
                 (u.max_processes - 1 for r, u in usage.items() if r.startswith("worker")), default=0
             ),
@@ -505,6 +539,11 @@ def run_rollout(
         )
         if latency is not None:
             result["portal_latency"] = latency.summary()
+        if profiles is not None:
+            result["profiles"] = {n: summarize(f) for n, f in profiles.stop().items()}
+            result["profiles_note"] = (
+                f"py-spy over the first {args.profile_seconds} s; figures of this run are perturbed"
+            )
         trouble: dict[str, list[str]] = {}
         for proc_name, proc in stack.processes.items():
             if lines := _trouble_lines(proc.log_file):
@@ -523,6 +562,8 @@ def run_rollout(
     finally:
         if sampler is not None and sampler.running:
             sampler.stop()
+        if profiles is not None:
+            profiles.stop(timeout=1)
         if latency is not None:
             with contextlib.suppress(Exception):
                 latency.stop()
@@ -583,20 +624,24 @@ def _watch(
 
 
 # ====================================================================== naive reference
-def run_naive(bench: Bench, devices: int, cap_s: float) -> dict[str, Any]:
+def run_naive(bench: Bench, devices: int, cap_s: float, profile: str = "instant") -> dict[str, Any]:
     from benchmarks import naive_reference as naive
 
     args = bench.args
     bench.flush_redis()
     naive.app.conf.broker_url = bench.redis_server.url
-    data_dir = bench.work / f"naive-{devices}"
-    result: dict[str, Any] = {"devices": devices, "time_cap_s": cap_s, "completed": False}
+    data_dir = bench.work / f"naive-{profile}-{devices}"
+    result: dict[str, Any] = {"devices": devices, "profile": profile, "time_cap_s": cap_s, "completed": False}
     fleet: subprocess.Popen[str] | None = None
     worker: ManagedProcess | None = None
     sampler: ProcessSampler | None = None
-    config = _fleet_config(bench, devices, "naive-")
+    files: _FirmwareFiles | None = None
+    config = _fleet_config(bench, devices, f"naive{profile[0]}-", profile)
     ids = config.ids()
     try:
+        if config.resolved_profile().fetch == "http":
+            # The naive pattern has no API: its devices fetch the image from a plain file server.
+            files = _FirmwareFiles().start()
         fleet = _spawn_fleet(bench, config, lifetime=cap_s + 600)
         env = dict(os.environ)
         env.update(
@@ -620,7 +665,7 @@ def run_naive(bench: Bench, devices: int, cap_s: float) -> dict[str, Any]:
         worker.start()
         worker.wait_ready(lambda: _naive_ready(naive.app), timeout=60, interval=0.3)
 
-        ref = _firmware_ref()
+        ref = _firmware_ref(files.url if files else "http://127.0.0.1:9/unused")
         download = Desired(update_id=1, attempt=1, stage=Stage.DOWNLOAD, firmware=ref).to_payload().decode()
         install = Desired(update_id=1, attempt=1, stage=Stage.INSTALL, firmware=ref).to_payload().decode()
         roles: dict[str, Callable[[], int | list[int] | None]] = {
@@ -694,6 +739,38 @@ def run_naive(bench: Bench, devices: int, cap_s: float) -> dict[str, Any]:
         if worker is not None:
             worker.stop(timeout=15)
         _stop_fleet(bench, fleet, ids)
+        if files is not None:
+            files.stop()
+
+
+class _FirmwareFiles:
+    """The sample image over plain HTTP on a free loopback port (Range requests are not needed:
+    the naive reference's devices are never cut off mid-download)."""
+
+    def __init__(self) -> None:
+        import functools
+        import http.server
+        import threading
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        handler = functools.partial(Quiet, directory=str(SAMPLES))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{TO_VERSION}.bin"
+
+    def start(self) -> _FirmwareFiles:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _naive_ready(app: Any) -> bool:
@@ -754,7 +831,7 @@ async def _raw_round(bench: Bench, ids: list[str], timeout: float) -> dict[str, 
     """Download stage to every device, install stage on VERIFIED, until every device ended."""
     import aiomqtt
 
-    ref = _firmware_ref()
+    ref = _firmware_ref("http://127.0.0.1:9/unused")
     download = Desired(update_id=1, attempt=1, stage=Stage.DOWNLOAD, firmware=ref).to_payload()
     install = Desired(update_id=1, attempt=1, stage=Stage.INSTALL, firmware=ref).to_payload()
     wanted = set(ids)
@@ -836,6 +913,7 @@ MEDIAN_KEYS = (
     "peak_rss_without_simulator_mib",
     "create_rollout_s",
     "all_devices_ended_after_s",
+    "peak_pss_without_simulator_mib",
 )
 
 
@@ -908,6 +986,22 @@ def run_all(bench: Bench) -> dict[str, Any]:
                 _print_run(run)
                 runs.append(run)
             out["raw_mqtt"].append({"devices": n, "runs": runs, "median": _median_of(runs, MEDIAN_KEYS[:4])})
+    if "realistic" in args.scenarios:
+        n = args.realistic_devices
+        console.rule(f"realistic profile, {n} devices: fleet")
+        fleet_run = run_rollout(
+            bench,
+            f"real{n}",
+            n,
+            waves=["1%", "10%", "100%"],
+            profile="realistic",
+            timeout=args.realistic_timeout,
+        )
+        _print_run(fleet_run)
+        console.rule(f"realistic profile, {n} devices: naive reference (stops after {args.naive_cap:.0f} s)")
+        naive_run = run_naive(bench, n, args.naive_cap, profile="realistic")
+        _print_run(naive_run)
+        out["realistic"] = {"fleet": fleet_run, "naive": naive_run}
     return out
 
 
@@ -971,6 +1065,17 @@ def ratios(scenarios: dict[str, Any]) -> dict[str, Any]:
             out[f"fleet_{nearest}_vs_naive_{n}_cpu"] = round(
                 fleet["cpu_ms_per_device"] / naive["cpu_ms_per_device"], 2
             )
+    real = scenarios.get("realistic")
+    if real and "error" not in real["fleet"] and "error" not in real["naive"]:
+        fleet, naive_real = real["fleet"], real["naive"]
+        if fleet.get("devices_per_s") and naive_real.get("devices_per_s"):
+            out["realistic_fleet_vs_naive_speed"] = round(
+                fleet["devices_per_s"] / naive_real["devices_per_s"], 1
+            )
+        if fleet.get("cpu_ms_per_device") and naive_real.get("cpu_ms_per_device"):
+            out["realistic_fleet_vs_naive_cpu"] = round(
+                fleet["cpu_ms_per_device"] / naive_real["cpu_ms_per_device"], 2
+            )
     slow = scenarios.get("slow_download")
     if slow and naive and slow.get("profile") and naive.get("devices_per_s"):
         # A blocking task holds a worker process for the device's whole update.
@@ -1005,6 +1110,38 @@ def target_checks(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
         )
         create = big.get("create_rollout_s")
         add("create_rollout_10k_s", create, create is not None and create < 1, "zero-delay 10000")
+        raw = {e["devices"]: e["median"] for e in scenarios.get("raw_mqtt", [])}.get(10000)
+        if raw and raw.get("devices_per_s") and big.get("devices_per_s"):
+            share = big["devices_per_s"] / raw["devices_per_s"]
+            add("zero_delay_10k_half_raw", f"{share:.0%}", share >= 0.5, "zero-delay 10000")
+        if cpu is not None and cpu_stack is not None:
+            add(
+                "zero_delay_10k_cpu_8ms",
+                f"{_fmt(cpu)} ({_fmt(cpu_stack)} without the simulator)",
+                cpu <= 8 and cpu_stack <= 5,
+                "zero-delay 10000",
+            )
+        rss, pss = big.get("peak_rss_without_simulator_mib"), big.get("peak_pss_without_simulator_mib")
+        if rss is not None:
+            add(
+                "stack_rss_10k_mib",
+                f"{_fmt(rss)} MiB RSS ({_fmt(pss)} PSS)",
+                rss * 2**20 <= 400e6,
+                "zero-delay 10000",
+            )
+    naive = scenarios.get("naive")
+    if naive and "error" not in naive and zero.get(naive["devices"]):
+        fleet = zero[naive["devices"]]
+        speed, cpu_n = fleet.get("devices_per_s"), fleet.get("cpu_ms_per_device")
+        if speed and cpu_n and naive.get("devices_per_s") and naive.get("cpu_ms_per_device"):
+            speed_ratio = speed / naive["devices_per_s"]
+            cpu_ratio = cpu_n / naive["cpu_ms_per_device"]
+            add(
+                "fleet_vs_naive_1k",
+                f"{speed_ratio:.2f}x naive speed, {cpu_ratio:.2f}x its CPU",
+                speed_ratio >= 1 and cpu_ratio <= 1.5,
+                f"zero-delay {naive['devices']}",
+            )
     if zero:
         n = max(zero)
         largest = zero[n]
@@ -1050,7 +1187,7 @@ def print_tables(report: dict[str, Any]) -> None:
     scen = report["scenarios"]
     table = Table(title="rollout throughput (medians where repeated)", title_justify="left")
     columns = ("scenario", "devices", "wall s", "devices/s", "CPU ms/dev all / w/o sim", "tasks/dev",
-               "portal p50/p99 ms", "ingest p50/p99 ms", "peak RSS MiB all / w/o sim", "note")  # fmt: skip
+               "portal p50/p99 ms", "ingest p50/p99 ms", "peak MiB w/o sim RSS / PSS", "note")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col in ("scenario", "note") else "right")
     for entry in scen.get("zero_delay", []):
@@ -1072,7 +1209,7 @@ def print_tables(report: dict[str, Any]) -> None:
             _fmt(m.get("celery_tasks_per_device")),
             _pair(m.get("portal_p50_ms"), m.get("portal_p99_ms")),
             _pair(m.get("ingest_p50_ms"), m.get("ingest_p99_ms")),
-            _pair(m.get("peak_rss_total_mib"), m.get("peak_rss_without_simulator_mib")),
+            _pair(m.get("peak_rss_without_simulator_mib"), m.get("peak_pss_without_simulator_mib")),
             "; ".join(notes),
         )
     slow = scen.get("slow_download")
@@ -1091,32 +1228,11 @@ def print_tables(report: dict[str, Any]) -> None:
             _fmt((slow.get("celery_tasks") or {}).get("per_device")),
             "-",
             _pair(ingest.get("latency_p50_ms"), ingest.get("latency_p99_ms")),
-            _pair(slow.get("peak_rss_total_mib"), slow.get("peak_rss_without_simulator_mib")),
+            _pair(slow.get("peak_rss_without_simulator_mib"), slow.get("peak_pss_without_simulator_mib")),
             note,
         )
-    naive = scen.get("naive")
-    if naive:
-        if naive.get("error"):
-            note = naive["error"][:60]
-        elif naive.get("capped"):
-            note = (
-                f"stopped at {naive['time_cap_s']:.0f} s with {naive['finished']} done; "
-                f"{_fmt(naive.get('extrapolated_wall_s'))} s extrapolated"
-            )
-        else:
-            note = "two devices at a time (concurrency 2)"
-        table.add_row(
-            "naive: blocking task/device",
-            _fmt(naive["devices"]),
-            _fmt(naive.get("wall_s")),
-            _fmt(naive.get("devices_per_s")),
-            _pair(naive.get("cpu_ms_per_device"), naive.get("cpu_ms_per_device_without_simulator")),
-            "1",
-            "-",
-            "-",
-            _fmt(naive.get("peak_rss_total_mib")),
-            note,
-        )
+    if scen.get("naive"):
+        _naive_row(table, scen["naive"], "naive: blocking task/device")
     for entry in scen.get("raw_mqtt", []):
         m = entry["median"]
         table.add_row(
@@ -1131,8 +1247,73 @@ def print_tables(report: dict[str, Any]) -> None:
             "-",
             "no orchestration; this process publishes",
         )
+    real = scen.get("realistic")
+    if real:
+        run = real["fleet"]
+        ingest = run.get("ingest") or {}
+        lat = run.get("portal_latency") or {}
+        note = run.get("error", "")[:60] or f"peak in flight {run.get('peak_in_flight')}; {run.get('status')}"
+        table.add_row(
+            "fleet realistic",
+            _fmt(run["devices"]),
+            _fmt(run.get("wall_s")),
+            _fmt(run.get("devices_per_s")),
+            _pair(run.get("cpu_ms_per_device"), run.get("cpu_ms_per_device_without_simulator")),
+            _fmt((run.get("celery_tasks") or {}).get("per_device")),
+            _pair(lat.get("p50_ms"), lat.get("p99_ms")),
+            _pair(ingest.get("latency_p50_ms"), ingest.get("latency_p99_ms")),
+            _pair(run.get("peak_rss_without_simulator_mib"), run.get("peak_pss_without_simulator_mib")),
+            note,
+        )
+        _naive_row(table, real["naive"], "naive realistic")
     console.print(table)
+    _print_ratios_and_targets(report)
 
+
+def _naive_row(table: Table, naive: dict[str, Any], label: str) -> None:
+    if naive.get("error"):
+        note = naive["error"][:60]
+    elif naive.get("capped"):
+        note = (
+            f"stopped at {naive['time_cap_s']:.0f} s with {naive['finished']} done; "
+            f"{_fmt(naive.get('extrapolated_wall_s'))} s extrapolated"
+        )
+    else:
+        note = "two devices at a time (concurrency 2)"
+    table.add_row(
+        label,
+        _fmt(naive["devices"]),
+        _fmt(naive.get("wall_s")),
+        _fmt(naive.get("devices_per_s")),
+        _pair(naive.get("cpu_ms_per_device"), naive.get("cpu_ms_per_device_without_simulator")),
+        "1",
+        "-",
+        "-",
+        _fmt(naive.get("peak_rss_total_mib")),
+        note,
+    )
+
+
+def _print_profiles(report: dict[str, Any]) -> None:
+    for run in _all_runs(report["scenarios"]):
+        for process, summary in (run.get("profiles") or {}).items():
+            table = Table(
+                title=f"{run['devices']} devices, {process}: top functions ({summary['samples']} samples)",
+                title_justify="left",
+            )
+            table.add_column("self")
+            table.add_column("share", justify="right")
+            table.add_column("total (anywhere on the stack)")
+            table.add_column("share", justify="right")
+            for own, total in zip(summary["self"][:8], summary["total"][:8], strict=False):
+                table.add_row(
+                    own["function"], f"{own['share']:.0%}", total["function"], f"{total['share']:.0%}"
+                )
+            console.print(table)
+
+
+def _print_ratios_and_targets(report: dict[str, Any]) -> None:
+    _print_profiles(report)
     if report["ratios"]:
         ratio_table = Table(title="ratios", title_justify="left")
         ratio_table.add_column("comparison")
@@ -1141,7 +1322,7 @@ def print_tables(report: dict[str, Any]) -> None:
             ratio_table.add_row(key, _fmt(value))
         console.print(ratio_table)
 
-    targets = Table(title="design section 9 targets", title_justify="left")
+    targets = Table(title="targets (design section 9) and performance goals", title_justify="left")
     for col in ("target", "measured", "where", "met"):
         targets.add_column(col)
     for row in report["target_checks"]:
@@ -1174,6 +1355,8 @@ def _all_runs(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
     for value in scenarios.values():
         if isinstance(value, list):
             runs.extend(r for entry in value for r in entry["runs"])
+        elif "fleet" in value and "naive" in value:
+            runs.extend((value["fleet"], value["naive"]))
         else:
             runs.append(value)
     return runs
@@ -1187,6 +1370,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs per size (zero-delay, raw-mqtt); medians")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (main processes)")
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes per worker")
+    parser.add_argument(
+        "--ingests", type=int, default=1, help="ingest processes (more than one: MQTT shared subscription)"
+    )
     parser.add_argument(
         "--database-url", default=None, help="PostgreSQL server URL; a fresh database is made"
     )
@@ -1205,10 +1391,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slow-cap", type=float, default=300.0, help="stop measuring after this (s)")
     parser.add_argument("--naive-devices", type=int, default=1000)
     parser.add_argument("--naive-cap", type=float, default=120.0, help="seconds before the naive run stops")
+    parser.add_argument("--realistic-devices", type=int, default=1000)
+    parser.add_argument(
+        "--realistic-timeout", type=float, default=900.0, help="fleet's realistic rollout timeout (s)"
+    )
     parser.add_argument(
         "--timeout-per-1k", type=float, default=60.0, help="rollout timeout per 1,000 devices"
     )
     parser.add_argument("--mosquitto-max-queued", type=int, default=None, help="override Mosquitto's 1000")
+    parser.add_argument(
+        "--profile-seconds",
+        type=int,
+        default=0,
+        help="attach py-spy to ingest, worker(s), beat and simulator for this long in each fleet run",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep logs and databases (path printed)")
     args = parser.parse_args(argv)
@@ -1224,6 +1420,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.slow_devices = 200
         args.slow_seconds = min(args.slow_seconds, 2.0)
         args.naive_devices = 200
+        args.realistic_devices = 50
         args.naive_cap = min(args.naive_cap, 60.0)
         args.slow_bandwidth = max(args.slow_bandwidth, 100_000)  # 2 s per transfer
     per_1k = args.timeout_per_1k
@@ -1275,7 +1472,10 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "database": "postgresql" if args.database_url else "sqlite",
                 "commit": _git_commit(),
-                "stack": f"API, 1 ingest, {args.workers} worker(s) x concurrency {args.concurrency}, beat",
+                "stack": (
+                    f"API, {args.ingests} ingest(s), {args.workers} worker(s) x concurrency "
+                    f"{args.concurrency}, beat"
+                ),
                 "notes": [
                     "CPU = utime+stime of every process of the stack's process trees (worker pool "
                     "children included), Redis, Mosquitto and the simulator, sampled from /proc every 0.5 s",

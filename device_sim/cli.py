@@ -29,6 +29,7 @@ from device_sim.installer import CommandInstaller, Installer, SimulatedInstaller
 from device_sim.mqtt_link import BrokerAddress
 from device_sim.profiles import PROFILES, RATE_NAMES, get_profile, parse_assignments
 from device_sim.state_store import JsonStateStore
+from orchestrator.protocol import is_reserved_device_id
 
 err = Console(stderr=True)
 app = typer.Typer(
@@ -151,6 +152,13 @@ def sim(
         )
         config.resolved_profile()
         BrokerAddress.parse(broker)
+        reserved = [d for d in config.ids()[:1] if is_reserved_device_id(d)]
+        if reserved:
+            raise ValueError(
+                f"--id-prefix {id_prefix!r} gives reserved device ids ({reserved[0]!r}): names "
+                "starting with fleet-, portal-, svc- or sys- belong to the orchestrator's own logins; "
+                "choose another prefix"
+            )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     code = asyncio.run(_run_fleet(config, duration, shutdown_grace, status_interval, quiet))

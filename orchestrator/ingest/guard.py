@@ -25,6 +25,7 @@ from orchestrator.protocol import (
     DeviceInfo,
     Report,
     device_topic_parts,
+    is_reserved_device_id,
 )
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,11 @@ class Guard:
                 self.stats["unexpected_topic"] += 1
                 continue
             device_id, kind = parts
+            if is_reserved_device_id(device_id):
+                # Names of the orchestrator's own logins are never devices (see protocol.py).
+                self.stats["reserved_device_id"] += 1
+                self.logs.warning("%s on %s ignored: %r is a reserved name", kind, topic, device_id)
+                continue
             if kind == "report" and retained:
                 # A report is an event, not a state: a retained one would be replayed to every
                 # restarting ingest. Devices must not leave one; it is dropped unread.

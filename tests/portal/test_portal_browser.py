@@ -39,7 +39,7 @@ def shown_percent(page: Any) -> float:
 
 def test_rollout_from_the_portal_end_to_end(portal_harness: Harness, browser: Any, artifacts: Path) -> None:
     h = portal_harness
-    prefix = "portal-"
+    prefix = "web-"
     slow = {**QUICK_REAL, "install_time": "0.5:1.5"}
     h.start_fleet(DEVICES, prefix=prefix, params=slow)
     firmware_id = h.add_sample_firmware()

@@ -103,6 +103,9 @@ def test_guard_records_rejections_per_device_with_a_budget() -> None:
     huge = guard.parse([("fleet/v1/devices/dev-2/report", b"", False, 1_000_000)])
     assert guard.stats["oversized_report"] == 1 and len(huge.rejected) == 1
     assert guard.stats["unexpected_topic"] == 1 and not odd
+    info = b'{"model": "m", "running_version": "1.0"}'
+    reserved = guard.parse([("fleet/v1/devices/portal-web/info", info, True, len(info))])
+    assert not reserved.infos and guard.stats["reserved_device_id"] == 1
 
 
 def test_rate_limiter_throttles_one_device_not_the_others() -> None:
