@@ -102,7 +102,14 @@ class Run:
         else:
             self.database_url = f"sqlite:///{self.work / 'fleet.db'}"
         upgrade_database(self.database_url)
-        engine_client.use_settings(Settings(redis_url=self.redis.url, database_url=self.database_url))
+        celery_broker = self.args.celery_broker_url
+        if celery_broker:
+            purge_celery_queue(celery_broker)
+        engine_client.use_settings(
+            Settings(
+                redis_url=self.redis.url, database_url=self.database_url, celery_broker_url=celery_broker
+            )
+        )
         settings = StackSettings(
             data_dir=self.work / "stack",
             database_url=self.database_url,
@@ -110,6 +117,7 @@ class Run:
             mqtt_url=self.broker.url,
             mqtt5=True,
             shared_subscriptions=self.args.ingests > 1,
+            celery_broker_url=celery_broker,
             extra_env={
                 "FLEET_SECRET_KEY": keys.secret_key,
                 "FLEET_SIGNING_KEY_PATH": str(keys.signing_key),
@@ -163,6 +171,16 @@ class Run:
                     traceback.print_exc()
         if self.postgres is not None:
             self.postgres.destroy()
+
+
+def purge_celery_queue(url: str) -> None:
+    """Drop steps a previous run left in the ``fleet`` queue of a shared transport."""
+    import kombu
+
+    with kombu.Connection(url, connect_timeout=5) as conn:
+        queue = kombu.Queue("fleet")
+        with contextlib.suppress(Exception):
+            queue.bind(conn.default_channel).purge()
 
 
 def _speed(args: argparse.Namespace) -> dict[str, str]:
@@ -485,6 +503,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ingests", type=int, default=1, help="ingest processes (more than one: $share group)"
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="longest a rollout may take")
+    parser.add_argument(
+        "--celery-broker-url",
+        default=None,
+        help="Celery on another transport, e.g. amqp://guest:guest@127.0.0.1:5672// (purged first)",
+    )
     parser.add_argument("--quick", action="store_true", help="100 faster devices, a fault every 2 s (CI)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the undisturbed run")
     parser.add_argument("--output", type=Path, default=RESULTS)

@@ -35,6 +35,7 @@ class StackSettings:
     # Ingest's shared-subscription group; a stack of its own on a shared broker needs its own group,
     # or members of another (stopped) stack's group would keep taking a share of its reports.
     share_group: str | None = None
+    celery_broker_url: str | None = None  # Celery's transport if not redis_url (e.g. RabbitMQ)
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
@@ -54,6 +55,8 @@ class StackSettings:
         )
         if self.share_group:
             env["FLEET_INGEST_SHARE_GROUP"] = self.share_group
+        if self.celery_broker_url:
+            env["FLEET_CELERY_BROKER_URL"] = self.celery_broker_url
         env.update(self.extra_env)
         return env
 
@@ -104,7 +107,7 @@ class LocalStack:
         argv += ["-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle"]
         process = self._spawn(name, argv, marker="celery")
         if wait:
-            broker = self.settings.redis_url
+            broker = self.settings.celery_broker_url or self.settings.redis_url
             process.wait_ready(lambda: _worker_answers(broker, name), timeout=60, interval=0.3)
         return process
 

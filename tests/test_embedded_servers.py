@@ -352,6 +352,25 @@ def test_retained_message_survives_reconnect(plain_broker: MqttBroker) -> None:
             assert sub.expect(topic, b"desired-1")[2], "retained flag expected on a fresh subscription"
 
 
+def test_retained_messages_go_only_to_their_own_subscribers(plain_broker: MqttBroker) -> None:
+    # Given a retained message per topic, and a client holding a subscription to the first one
+    first, second = _topic(plain_broker.kind), _topic(plain_broker.kind)
+    with Client(plain_broker) as pub:
+        pub.publish(first, b"for-first", retain=True)
+        pub.publish(second, b"for-second", retain=True)
+        with Client(plain_broker) as holder:
+            holder.subscribe(first)
+            holder.expect(first, b"for-first")
+            # When another client connects and subscribes to the second topic only
+            with Client(plain_broker) as newcomer:
+                newcomer.subscribe(second)
+                # Then it gets the second topic's message and nothing of the holder's subscription
+                newcomer.expect(second, b"for-second")
+                newcomer.assert_quiet()
+        pub.publish(first, b"", retain=True)
+        pub.publish(second, b"", retain=True)
+
+
 def test_persistent_session_gets_queued_qos1(plain_broker: MqttBroker) -> None:
     topic = _topic(plain_broker.kind)
     client_id = f"persistent-{secrets.token_hex(4)}"
@@ -553,8 +572,9 @@ def test_reserved_names_are_no_device() -> None:
 
 def test_device_reads_only_its_own_desired(auth_broker: MqttBroker) -> None:
     own, other = f"{ROOT}/devices/dev-1/desired", f"{ROOT}/devices/dev-2/desired"
-    with _as(auth_broker, SVC) as svc:
+    with _as(auth_broker, SVC) as svc, _as(auth_broker, DEV2) as dev2:
         svc.publish(other, b"retained-for-dev-2", retain=True)
+        dev2.subscribe(other)  # dev-2 online and subscribed: its retained document must not leak
         with _as(auth_broker, DEV1) as dev:
             assert dev.subscribe(own) == 1
             # A refused subscription is either reported (128) or granted but never served.

@@ -148,7 +148,7 @@ def _connect(
     refused: list[str] = []
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"fleet-watch-{uuid.uuid4().hex[:12]}",
+        client_id=f"portal-watch-{uuid.uuid4().hex[:12]}",  # the portal login's client-id rule
         protocol=mqtt.MQTTv311,
         transport=address.transport,  # type: ignore[arg-type]
     )

@@ -17,13 +17,51 @@ from pathlib import Path
 from typing import Any
 
 
+def _broker_class() -> type[Any]:
+    """amqtt's Broker with retained messages sent only where MQTT says they go.
+
+    amqtt 0.12, when a client connects, sends it the retained messages matching *every* client's
+    subscriptions (it walks the broker-wide subscription table), and on SUBSCRIBE it sends them
+    even when the subscription was refused; neither path asks the topic ACL. A device would so
+    receive every other device's desired document. Here a retained message goes to a session only
+    for a filter that session holds, and only if the ACL lets it receive that topic.
+    """
+    from amqtt.broker import Broker
+    from amqtt.contexts import Action
+
+    class FleetBroker(Broker):  # type: ignore[misc]
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any
+        ) -> None:
+            topic_filter, qos = subscription
+            holders = self._subscriptions.get(topic_filter, ())
+            held = [sub_qos for holder, sub_qos in holders if holder.client_id == session.client_id]
+            if not held:
+                return
+            handler = self._get_handler(session)
+            if handler is None:
+                return
+            granted = min(qos, held[0]) if qos else held[0]
+            sends = []
+            for topic, retained in list(self._retained_messages.items()):
+                if not self._matches(topic, topic_filter):
+                    continue
+                if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                    continue
+                send_qos = min(granted, retained.qos) if retained.qos is not None else granted
+                send = handler.mqtt_publish(topic, retained.data, send_qos, retain=True)
+                sends.append(asyncio.ensure_future(send))
+            if sends:
+                await asyncio.wait(sends)
+
+    return FleetBroker
+
+
 async def serve(config: dict[str, Any]) -> None:
     """Start an amqtt broker with ``config`` and run it until SIGTERM or SIGINT."""
-    from amqtt.broker import Broker
-
     from .amqtt_plugins import reload_all
 
-    broker = Broker(config)
+    broker = _broker_class()(config)
     await broker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
