@@ -48,11 +48,16 @@ def _resolve(session: Session, target: Target) -> list[_Candidate]:
                 f"{len(missing)} unknown device id(s): {sample}; register them first",
                 field="target.device_ids",
             )
-    else:
+    elif target.labels:
         query = select(*columns).where(Device.model == target.model)
         for device_id, model, version, labels in session.execute(query):
             if all((labels or {}).get(k) == v for k, v in target.labels.items()):
                 found.append(_Candidate(device_id, model, version))
+    else:
+        # Without a label filter the labels column is not read: decoding 100,000 JSON documents
+        # was a third of the time to plan a 100,000-device rollout.
+        query = select(Device.id, Device.model, Device.firmware_version).where(Device.model == target.model)
+        found.extend(_Candidate(i, m, v) for i, m, v in session.execute(query))
     found.sort(key=lambda c: c.id)
     return found
 
@@ -120,29 +125,33 @@ def create_rollout(
     session.flush()
 
     now = utcnow()
+    common = {"rollout_id": rollout.id, "attempt": 1, "progress": 0, "version": 1, "updated_at": now}
     pending = initial_update_state(None)
     rows: list[dict[str, Any]] = []
     offset = 0
     for wave, size in zip(waves, sizes, strict=True):
         for c in eligible[offset : offset + size]:
-            rows.append({"rollout_id": rollout.id, "wave_id": wave.id, "device_id": c.id, "state": pending})
+            rows.append({**common, "wave_id": wave.id, "device_id": c.id, "state": pending})
         offset += size
     skipped_state = initial_update_state(UpdateEvent.SKIP)
-    for c, reason in skipped:
-        rows.append(
-            {
-                "rollout_id": rollout.id,
-                "wave_id": None,
-                "device_id": c.id,
-                "state": skipped_state,
-                "error_code": str(reason),
-                "finished_at": now,
-            }
-        )
-    for row in rows:
-        row.update(attempt=1, progress=0, version=1, updated_at=now)
-    for start in range(0, len(rows), _CHUNK):
-        session.execute(insert(DeviceUpdate), rows[start : start + _CHUNK])
+    skipped_rows = [
+        {
+            **common,
+            "wave_id": None,
+            "device_id": c.id,
+            "state": skipped_state,
+            "error_code": str(reason),
+            "finished_at": now,
+        }
+        for c, reason in skipped
+    ]
+    # Core inserts on the table (the ORM's bulk path spent as long collecting rows as SQLite spent
+    # writing them). A Core executemany takes its columns from the first row, so each list holds
+    # rows of one shape.
+    table = DeviceUpdate.__table__
+    for shaped in (rows, skipped_rows):
+        for start in range(0, len(shaped), _CHUNK):
+            session.execute(insert(table), shaped[start : start + _CHUNK])  # type: ignore[arg-type]
 
     events: list[dict[str, Any]] = [
         {
@@ -189,6 +198,8 @@ def create_rollout(
 def _busy_elsewhere(session: Session, device_ids: list[str]) -> dict[str, int]:
     """Devices among ``device_ids`` with an unfinished update in an active rollout -> that rollout."""
     busy: dict[str, int] = {}
+    if session.scalar(select(Rollout.id).where(Rollout.status.in_(_ACTIVE_ROLLOUTS)).limit(1)) is None:
+        return busy  # nothing active: skip probing every device
     for start in range(0, len(device_ids), _CHUNK):
         rows = session.execute(
             select(DeviceUpdate.device_id, DeviceUpdate.rollout_id)
