@@ -82,6 +82,7 @@ class Run:
     stats_file: Path | None = None
     keys: StackSecrets | None = None
     unexpected_exits: list[str] = field(default_factory=list)
+    exit_logs: dict[str, str] = field(default_factory=dict)  # last log lines of each of those
     _expected_down: set[str] = field(default_factory=set)
 
     def start(self) -> None:
@@ -155,6 +156,8 @@ class Run:
                 and name not in self.unexpected_exits
             ):
                 self.unexpected_exits.append(name)
+                self.exit_logs[name] = process.log_tail(40)
+                console.print(f"[red]{name} exited on its own[/]; last lines:\n{self.exit_logs[name]}")
 
     def close(self) -> None:
         if self.fleet is not None and self.fleet.poll() is None:
@@ -206,9 +209,12 @@ class Fault:
 
 def _kill_worker(run: Run) -> None:
     assert run.stack is not None
-    name = next(
-        n for n in run.stack.processes if n.startswith("worker") and run.stack.processes[n].is_running()
-    )
+    running = [n for n, p in run.stack.processes.items() if n.startswith("worker") and p.is_running()]
+    if not running:
+        run.watch_processes()  # recorded as an unexpected exit, with its log
+        run.stack.start_worker()
+        return
+    name = running[0]
     run._expected_down.add(name)
     run.stack.kill(name)  # SIGKILL to the whole process group: main process and pool
     time.sleep(1.0)
@@ -436,6 +442,8 @@ def run_once(args: argparse.Namespace, name: str, faults: list[Fault]) -> dict[s
     except Exception as exc:
         result["error"] = f"{exc.__class__.__name__}: {exc}"
         result["traceback"] = traceback.format_exc()
+        result["processes_exited_on_their_own"] = list(run.unexpected_exits)
+        result["exit_logs"] = dict(run.exit_logs)
         console.print(f"[red]{name} failed:[/] {exc}")
     finally:
         if progress is not None:
@@ -485,6 +493,7 @@ def _verdict(run: Run, rollout_id: int, wall: float, status: str) -> dict[str, A
         "reports_lost": len(sent - recorded),
         "second_attempts": int(second or 0),
         "processes_exited_on_their_own": exits,
+        "exit_logs": dict(run.exit_logs),
         "device_reconnects": device_side["reconnects"],
     }
 
