@@ -4,10 +4,12 @@ and, without any task registered, by :mod:`orchestrator.engine.dispatch` in send
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 
 from orchestrator.config import Settings
+from orchestrator.engine.redis_transport import TRANSPORT_PATH
 
 
 def broker_url(settings: Settings) -> str:
@@ -18,8 +20,9 @@ def broker_url(settings: Settings) -> str:
 def celery_options(settings: Settings) -> dict[str, Any]:
     """Everything but the task list. Nothing reads task results: steps report through SQL."""
     visibility = settings.celery_visibility_timeout_s
-    return {
-        "broker_url": broker_url(settings),
+    url = broker_url(settings)
+    options: dict[str, Any] = {
+        "broker_url": url,
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -46,6 +49,10 @@ def celery_options(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "task_default_queue": "fleet",
     }
+    if urlsplit(url).scheme == "redis":
+        # kombu's Redis transport with a worker that survives losing Redis mid-poll (see the module).
+        options["broker_transport"] = TRANSPORT_PATH
+    return options
 
 
 def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:

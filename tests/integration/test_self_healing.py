@@ -8,6 +8,7 @@ that no update needed a second attempt.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -80,6 +81,63 @@ def test_a_redis_outage_costs_seconds_and_no_report(
             ingest_log = h.stack.processes["ingest"].log_file.read_text()
             assert "retrying with backoff" in ingest_log and "is back after" in ingest_log
     finally:
+        redis.stop()
+
+
+def test_a_worker_survives_losing_redis_while_a_step_runs_and_it_waits(
+    tmp_path: Path, embedded_run_dir: Path
+) -> None:
+    """Stock kombu 5.7 exits the worker here: the channel it detached on the connection error is
+    closed again (pushing back unacked messages) and acknowledged on (the running step ends)."""
+    import subprocess
+    import sys
+
+    from celery import Celery
+
+    from orchestrator.engine.celery_config import make_celery
+    from orchestrator.local_stack import wait_until
+
+    root = Path(__file__).resolve().parents[2]
+    redis = RedisServer(run_dir=embedded_run_dir).start()
+    port = redis.port
+    log_path = tmp_path / "worker.log"
+
+    def sender() -> Celery:
+        return make_celery(Settings(redis_url=redis.url))
+
+    def log_text() -> str:
+        return log_path.read_text(errors="replace")
+
+    env = {**os.environ, "FLEET_REDIS_URL": redis.url, "PYTHONPATH": str(root)}
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.integration.redis_loss_app", "worker",
+             "-c", "2", "-Q", "fleet", "--without-gossip", "--without-mingle", "-l", "INFO"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        assert wait_until(lambda: "ready." in log_text(), 60, 0.2), log_text()[-3000:]
+        # Given a step running in one pool process while the consumer waits for more messages
+        started, first_done, second_done = (tmp_path / n for n in ("started", "first", "second"))
+        sender().send_task("probe.sleep", args=[str(started), str(first_done), 3.0])
+        assert wait_until(started.exists, 30, 0.05), log_text()[-3000:]
+        # When Redis goes away (the step ends meanwhile) and comes back without its data
+        redis.stop()
+        assert wait_until(lambda: "Connection to broker lost" in log_text(), 20, 0.1), log_text()[-3000:]
+        assert wait_until(first_done.exists, 20, 0.1)
+        time.sleep(1)
+        redis = RedisServer(run_dir=embedded_run_dir, port=port).start()
+        # Then the same worker process reconnects and runs the next step
+        sender().send_task("probe.sleep", args=[str(tmp_path / "s2"), str(second_done), 0.0])
+        assert wait_until(lambda: second_done.exists() or worker.poll() is not None, 60, 0.1)
+        assert worker.poll() is None and second_done.exists(), log_text()[-3000:]
+        assert "Unrecoverable error" not in log_text()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
         redis.stop()
 
 
