@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     if k.startswith(
                         ("malformed", "oversized", "throttled", "rejected", "ignored", "poison", "applied")
                     )
-                    or k in ("received", "batches")
+                    or k in ("received", "batches", "read_pauses", "backlog_peak")
                 },
             }
         )

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     max_firmware_bytes: int = 256 * 1024 * 1024
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="any other request body")
     ingest_batch_size: int = 500
+    ingest_max_backlog: int = Field(
+        default=2000, ge=10, description="messages waiting in ingest at which it stops reading the broker"
+    )
     ingest_client_id: str | None = Field(
         default=None, description="fixed MQTT client id (persistent session)"
     )

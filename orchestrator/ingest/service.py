@@ -41,6 +41,7 @@ from orchestrator.engine.dispatch import DispatchFailed, sender_for
 from orchestrator.engine.progress import DirtyMarks
 from orchestrator.ingest.guard import Guard, Parsed, rejected_event
 from orchestrator.ingest.inventory import apply_inventory
+from orchestrator.ingest.read_gate import ReadGate
 from orchestrator.ingest.report_applier import BatchOutcome, ReportApplier
 from orchestrator.models import Event
 from orchestrator.mqtt_link import BrokerAddress
@@ -86,6 +87,8 @@ class IngestService:
         self._outage: dict[str, float] = {}
         self._followers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-steps")
         self.ready = asyncio.Event()
+        self._gate: ReadGate | None = None
+        self._publishing = 0
 
     # ------------------------------------------------------------------ connection
     @property
@@ -156,6 +159,16 @@ class IngestService:
             report_topic = f"$share/{self.settings.ingest_share_group}/{REPORT_SUBSCRIPTION}"
         await client.subscribe([(report_topic, 1), (INFO_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1)])
         queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        high = self.settings.ingest_max_backlog
+        gate = ReadGate(
+            client,
+            lambda: queue.qsize() + len(client.messages),
+            high=high,
+            low=high // 2,
+            can_pause=lambda: self._publishing == 0,
+        )
+        self._gate = gate
+        pauses_before = self.stats["read_pauses"]
         tasks = [
             asyncio.create_task(self._read(client, queue)),
             asyncio.create_task(
@@ -173,6 +186,9 @@ class IngestService:
                     for message in batch:
                         if message.qos > 0:
                             client._client.ack(message.mid, message.qos)
+                gate.poll()
+                self.stats["read_pauses"] = pauses_before + gate.pauses
+                self.stats["backlog_peak"] = max(self.stats["backlog_peak"], gate.peak_backlog)
                 for task in tasks:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
@@ -296,10 +312,15 @@ class IngestService:
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         """Retained QoS 1 publish that cannot hang the loop on a lost acknowledgement."""
+        self._publishing += 1
+        if self._gate is not None:
+            self._gate.resume()  # its acknowledgement arrives on the connection the gate may hold
         try:
             await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
         except aiomqtt.MqttError:
             self.stats["portal_publish_failed"] += 1
+        finally:
+            self._publishing -= 1
 
     # ------------------------------------------------------------------ periodic
     async def _every(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -21,7 +23,7 @@ from orchestrator.db import session_scope
 from orchestrator.models import DeviceUpdate, Event
 from orchestrator.policy import RolloutPolicy
 from orchestrator.protocol import info_topic, online_topic, report_topic
-from tests.integration.harness import Harness
+from tests.integration.harness import Harness, running_harness
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -166,3 +168,44 @@ def _ingest_stats(h: Harness) -> dict[str, int]:
         if stats.get("throttled") or time.monotonic() > deadline:
             return stats
         time.sleep(0.5)
+
+
+def test_a_burst_waits_at_the_broker_not_in_ingest_memory(
+    tmp_path: Path, database_url: str, redis_url: str, mqtt_broker: Any
+) -> None:
+    if database_url.startswith("sqlite") == (mqtt_broker.kind == "external"):
+        pytest.skip("full-stack tests run on [sqlite-embedded] and [postgres-external] only")
+    env = {"FLEET_INGEST_MAX_BACKLOG": "10"}
+    with running_harness(tmp_path / "stack", database_url, redis_url, mqtt_broker, extra_env=env) as h:
+        pub = _publisher(h)
+        info = {"model": "sensor-v2", "running_version": "1.0.0"}
+        pub.publish(info_topic("bp-quiet"), json.dumps(info), qos=1, retain=True).wait_for_publish(5)
+        assert h.wait(lambda: h.device_count("bp-") == 1, 30)
+        rollout_id = h.start_rollout("bp-", RolloutPolicy(waves=["100%"], download_timeout_s=3600))
+        assert h.wait(lambda: h.in_flight(rollout_id) == 1, 30)
+        quiet = h.updates(rollout_id)[0]
+        # When a device sends 2,000 reports in one burst, then another device one valid report
+        for seq in range(2000):
+            pub.publish(report_topic("bp-loud"), _report(999_999, 1, "DOWNLOADING", seq), qos=1)
+        pub.publish(report_topic("bp-quiet"), _report(quiet.id, 1, "VERIFIED", 1), qos=1).wait_for_publish(30)
+        # Then every message reached ingest, which never held more than its limit, and the valid
+        # report was applied
+        assert h.wait(lambda: _state(h, quiet.id) == "VERIFIED", 60)
+        assert h.wait(lambda: _counters(h).get("received", 0) >= 2001, 60), _counters(h)
+        counters = _counters(h)
+        assert counters["backlog_peak"] <= 11, counters
+        assert counters.get("read_pauses", 0) >= 1, counters
+        assert h.stack.processes["ingest"].is_running()
+        pub.disconnect()
+        pub.loop_stop()
+
+
+def _counters(h: Harness) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis.from_url(h.stack.settings.redis_url)
+    try:
+        raw = client.hgetall("fleet:ingest:stats")
+    finally:
+        client.close()
+    return json.loads(next(iter(raw.values()))) if raw else {}
