@@ -5,9 +5,11 @@ overshoots it under a flood (measured: 6,128 unacknowledged messages against a w
 and QoS 0 messages are outside it anyway, so a flood used to pile up in ingest's memory. When the
 backlog reaches ``high``, the gate takes the connection's socket off the event loop; TCP then pushes
 back and the broker keeps the rest in ingest's session. Reading resumes at ``low``, and a pause never
-lasts longer than ``max_pause_s`` (a database outage holds the backlog still; the connection's
-keepalive must get through). The same connection carries the acknowledgements of ingest's own
-publishes, so there is no pause while one is awaited (``can_pause``), and a new one resumes reading.
+lasts longer than ``max_pause_s``: a database outage holds the backlog still, and the connection's
+keepalive must get through, so after a pause that ran out the gate stays open until the backlog is
+down to ``low`` (memory may then grow while the outage lasts). The same connection carries the
+acknowledgements of ingest's own publishes, so there is no pause while one is awaited
+(``can_pause``), and a new one resumes reading.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ReadGate:
         self.can_pause = can_pause
         self.pauses = 0
         self.peak_backlog = 0
+        self._client = client
         self._paho: paho.Client = client._client
         self._read = self._paho.loop_read
         # aiomqtt's socket callback calls client.loop_read(): an instance attribute takes its place.
@@ -50,15 +53,21 @@ class ReadGate:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None
         self._paused_at: float | None = None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused_at is not None
+        self._held_open = False  # a pause ran out: no new one until the backlog is down to ``low``
+        self._timer: asyncio.TimerHandle | None = None
 
     def _gated_read(self, max_packets: int = 1) -> Any:
         waiting = self.backlog()
         self.peak_backlog = max(self.peak_backlog, waiting)
-        if self._paused_at is None and waiting >= self.high and self.can_pause() and self._pause():
+        if self._held_open and waiting <= self.low:
+            self._held_open = False
+        if (
+            self._paused_at is None
+            and not self._held_open
+            and waiting >= self.high
+            and self.can_pause()
+            and self._pause()
+        ):
             return paho.MQTT_ERR_SUCCESS
         return self._read(max_packets)
 
@@ -71,7 +80,14 @@ class ReadGate:
         self._loop.remove_reader(self._fd)
         self._paused_at = time.monotonic()
         self.pauses += 1
+        # Runs out even when nothing calls poll() (a batch retrying through a database outage).
+        self._timer = self._loop.call_later(self.max_pause_s, self._ran_out)
         return True
+
+    def _ran_out(self) -> None:
+        if self._paused_at is not None:
+            self._held_open = True
+            self.resume()
 
     def poll(self) -> None:
         """Resume reading once the backlog is down to ``low`` or the pause has lasted too long."""
@@ -79,6 +95,8 @@ class ReadGate:
             return
         if self.backlog() > self.low and time.monotonic() - self._paused_at < self.max_pause_s:
             return
+        if self.backlog() > self.low:
+            self._held_open = True
         self.resume()
 
     def resume(self) -> None:
@@ -86,10 +104,16 @@ class ReadGate:
         if self._paused_at is None:
             return
         self._paused_at = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         sock = self._paho.socket()
         if sock is None or self._loop is None or sock.fileno() != self._fd:
             return  # the connection went meanwhile; a new one registers its own reader
         self._loop.add_reader(self._fd, self._on_readable)
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending() > 0:
+            self._loop.call_soon(self._on_readable)  # TLS bytes decoded already: no socket event comes
 
     def _on_readable(self) -> None:
         # What aiomqtt's own reader does: read, and drain what TLS has decoded already.
@@ -102,8 +126,11 @@ class ReadGate:
                 pending = getattr(sock, "pending", None)
                 if pending is None or pending() <= 0:
                     return
-        except Exception:
-            # A broken socket: stop reading it; paho's keepalive check ends the connection.
-            log.exception("reading from the broker failed")
+        except Exception as exc:
+            # A broken connection: stop reading it and end the session, as aiomqtt's reader does.
+            log.warning("reading from the broker failed: %s", exc)
             if self._loop is not None and self._fd is not None:
                 self._loop.remove_reader(self._fd)
+            disconnected = getattr(self._client, "_disconnected", None)
+            if isinstance(disconnected, asyncio.Future) and not disconnected.done():
+                disconnected.set_exception(exc)
