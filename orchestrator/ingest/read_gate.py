@@ -7,9 +7,8 @@ backlog reaches ``high``, the gate takes the connection's socket off the event l
 back and the broker keeps the rest in ingest's session. Reading resumes at ``low``, and a pause never
 lasts longer than ``max_pause_s``: a database outage holds the backlog still, and the connection's
 keepalive must get through, so after a pause that ran out the gate stays open until the backlog is
-down to ``low`` (memory may then grow while the outage lasts). The same connection carries the
-acknowledgements of ingest's own publishes, so there is no pause while one is awaited
-(``can_pause``), and a new one resumes reading.
+down to ``low`` (memory may then grow while the outage lasts). Ingest publishes on a connection of
+its own, so no acknowledgement it awaits waits behind a paused subscription.
 """
 
 from __future__ import annotations
@@ -36,13 +35,11 @@ class ReadGate:
         *,
         high: int,
         low: int,
-        can_pause: Callable[[], bool] = lambda: True,
         max_pause_s: float = 10.0,
     ) -> None:
         if not 0 <= low < high:
             raise ValueError("read gate needs 0 <= low < high")
         self.backlog, self.high, self.low, self.max_pause_s = backlog, high, low, max_pause_s
-        self.can_pause = can_pause
         self.pauses = 0
         self.peak_backlog = 0
         self._client = client
@@ -61,13 +58,7 @@ class ReadGate:
         self.peak_backlog = max(self.peak_backlog, waiting)
         if self._held_open and waiting <= self.low:
             self._held_open = False
-        if (
-            self._paused_at is None
-            and not self._held_open
-            and waiting >= self.high
-            and self.can_pause()
-            and self._pause()
-        ):
+        if self._paused_at is None and not self._held_open and waiting >= self.high and self._pause():
             return paho.MQTT_ERR_SUCCESS
         return self._read(max_packets)
 
@@ -100,7 +91,7 @@ class ReadGate:
         self.resume()
 
     def resume(self) -> None:
-        """Read again now (an acknowledgement is awaited on this connection)."""
+        """Read again now."""
         if self._paused_at is None:
             return
         self._paused_at = None

@@ -87,8 +87,7 @@ class IngestService:
         self._outage: dict[str, float] = {}
         self._followers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-steps")
         self.ready = asyncio.Event()
-        self._gate: ReadGate | None = None
-        self._publishing = 0
+        self._publisher_failed = False
 
     # ------------------------------------------------------------------ connection
     @property
@@ -96,6 +95,7 @@ class IngestService:
         return self.settings.mqtt_v5 and self.settings.mqtt_shared_subscriptions
 
     def _client(self) -> aiomqtt.Client:
+        """The subscription: persistent session, acknowledgements only after the commit."""
         address = BrokerAddress.parse(self.settings.mqtt_url)
         common: dict[str, Any] = {
             "identifier": self.client_id,
@@ -133,6 +133,24 @@ class IngestService:
         client.pending_calls_threshold = 10 * self.settings.ingest_batch_size
         return client
 
+    def _publisher(self) -> aiomqtt.Client:
+        """Portal documents go out on a connection of their own: their acknowledgements must not
+        queue behind reports on the subscription, which the read gate may hold."""
+        address = BrokerAddress.parse(self.settings.mqtt_url)
+        client = aiomqtt.Client(
+            address.host,
+            address.port,
+            identifier=f"{self.client_id}-pub",
+            username=self.settings.mqtt_username,
+            password=self.settings.mqtt_password,
+            keepalive=30,
+            max_inflight_messages=1000,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            protocol=aiomqtt.ProtocolVersion.V5 if self.settings.mqtt_v5 else aiomqtt.ProtocolVersion.V311,
+        )
+        client.pending_calls_threshold = 10 * self.settings.ingest_batch_size
+        return client
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Consume until ``stop`` is set; reconnect after any failure, never give up."""
         stop = stop or asyncio.Event()
@@ -140,9 +158,9 @@ class IngestService:
         while not stop.is_set():
             started = time.monotonic()
             try:
-                async with self._client() as client:
+                async with self._client() as client, self._publisher() as publisher:
                     self._recovered("broker")
-                    await self._session(client, stop)
+                    await self._session(client, publisher, stop)
             except aiomqtt.MqttError as exc:
                 self._failing("broker", f"MQTT connection lost or refused ({exc})")
             except Exception:
@@ -153,26 +171,20 @@ class IngestService:
             delay = 0.5 if time.monotonic() - started > 30 else min(delay * 2, MAX_BACKOFF_S)
             await _sleep_or_stop(stop, delay)
 
-    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _session(self, client: aiomqtt.Client, publisher: aiomqtt.Client, stop: asyncio.Event) -> None:
         report_topic = REPORT_SUBSCRIPTION
         if self.shared:
             report_topic = f"$share/{self.settings.ingest_share_group}/{REPORT_SUBSCRIPTION}"
         await client.subscribe([(report_topic, 1), (INFO_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1)])
         queue: asyncio.Queue[Incoming] = asyncio.Queue()
         high = self.settings.ingest_max_backlog
-        gate = ReadGate(
-            client,
-            lambda: queue.qsize() + len(client.messages),
-            high=high,
-            low=high // 2,
-            can_pause=lambda: self._publishing == 0,
-        )
-        self._gate = gate
+        self._publisher_failed = False
+        gate = ReadGate(client, lambda: queue.qsize() + len(client.messages), high=high, low=high // 2)
         pauses_before = self.stats["read_pauses"]
         tasks = [
             asyncio.create_task(self._read(client, queue)),
             asyncio.create_task(
-                self._every(stop, self.settings.portal_summary_interval_ms / 1000, self._summaries, client)
+                self._every(stop, self.settings.portal_summary_interval_ms / 1000, self._summaries, publisher)
             ),
             asyncio.create_task(self._every(stop, 1.0, self._flush_stats)),
         ]
@@ -182,7 +194,7 @@ class IngestService:
             while not stop.is_set():
                 batch = await _next_batch(queue, self.settings.ingest_batch_size, stop)
                 if batch:
-                    await self._handle_until_applied(client, batch, stop)
+                    await self._handle_until_applied(publisher, batch, stop)
                     for message in batch:
                         if message.qos > 0:
                             client._client.ack(message.mid, message.qos)
@@ -192,6 +204,8 @@ class IngestService:
                 for task in tasks:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
+                if self._publisher_failed:
+                    raise aiomqtt.MqttError("a portal publish failed; reconnecting both connections")
         finally:
             for task in tasks:
                 task.cancel()
@@ -211,7 +225,7 @@ class IngestService:
 
     # ------------------------------------------------------------------ batches
     async def _handle_until_applied(
-        self, client: aiomqtt.Client, batch: list[Incoming], stop: asyncio.Event
+        self, publisher: aiomqtt.Client, batch: list[Incoming], stop: asyncio.Event
     ) -> None:
         parsed = self.guard.parse([(m.topic, m.payload, m.retain, m.size) for m in batch])
         self.stats["received"] += len(batch)
@@ -233,7 +247,7 @@ class IngestService:
         self.stats.update(outcome.counters)
         # Steps and portal marks go out on their own thread: a Redis outage must not hold up reports.
         self._followers.submit(self._after_commit, outcome)
-        await asyncio.gather(*(self._publish(client, t, p) for t, p in outcome.portal))
+        await asyncio.gather(*(self._publish(publisher, t, p) for t, p in outcome.portal))
         now = time.time()
         self.latencies_ms.extend((now - ts) * 1000 for ts in outcome.applied_ts)
 
@@ -312,15 +326,11 @@ class IngestService:
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         """Retained QoS 1 publish that cannot hang the loop on a lost acknowledgement."""
-        self._publishing += 1
-        if self._gate is not None:
-            self._gate.resume()  # its acknowledgement arrives on the connection the gate may hold
         try:
             await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
         except aiomqtt.MqttError:
             self.stats["portal_publish_failed"] += 1
-        finally:
-            self._publishing -= 1
+            self._publisher_failed = True
 
     # ------------------------------------------------------------------ periodic
     async def _every(
