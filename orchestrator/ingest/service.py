@@ -94,11 +94,12 @@ class IngestService:
     def shared(self) -> bool:
         return self.settings.mqtt_v5 and self.settings.mqtt_shared_subscriptions
 
-    def _client(self) -> aiomqtt.Client:
-        """The subscription: persistent session, acknowledgements only after the commit."""
+    def _connection_options(self, identifier: str) -> dict[str, Any]:
         address = BrokerAddress.parse(self.settings.mqtt_url)
-        common: dict[str, Any] = {
-            "identifier": self.client_id,
+        return {
+            "hostname": address.host,
+            "port": address.port,
+            "identifier": identifier,
             "username": self.settings.mqtt_username,
             "password": self.settings.mqtt_password,
             "keepalive": 30,
@@ -106,14 +107,16 @@ class IngestService:
             # Small request/response messages: without this, Nagle + delayed ACK add ~40 ms a hop.
             "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         }
+
+    def _client(self) -> aiomqtt.Client:
+        """The subscription: persistent session, acknowledgements only after the commit."""
+        common = self._connection_options(self.client_id)
         if self.settings.mqtt_v5:
             # MQTT 5: a persistent session that expires, and a receive window the broker honours.
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = int(self.settings.ingest_session_expiry_s)
             props.ReceiveMaximum = 4 * self.settings.ingest_batch_size
             client = aiomqtt.Client(
-                address.host,
-                address.port,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=False,
                 properties=props,
@@ -121,8 +124,6 @@ class IngestService:
             )
         else:
             client = aiomqtt.Client(
-                address.host,
-                address.port,
                 protocol=aiomqtt.ProtocolVersion.V311,
                 clean_session=False,
                 **common,
@@ -136,17 +137,9 @@ class IngestService:
     def _publisher(self) -> aiomqtt.Client:
         """Portal documents go out on a connection of their own: their acknowledgements must not
         queue behind reports on the subscription, which the read gate may hold."""
-        address = BrokerAddress.parse(self.settings.mqtt_url)
         client = aiomqtt.Client(
-            address.host,
-            address.port,
-            identifier=f"{self.client_id}-pub",
-            username=self.settings.mqtt_username,
-            password=self.settings.mqtt_password,
-            keepalive=30,
-            max_inflight_messages=1000,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             protocol=aiomqtt.ProtocolVersion.V5 if self.settings.mqtt_v5 else aiomqtt.ProtocolVersion.V311,
+            **self._connection_options(f"{self.client_id}-pub"),
         )
         client.pending_calls_threshold = 10 * self.settings.ingest_batch_size
         return client

@@ -89,11 +89,11 @@ def test_a_worker_survives_losing_redis_while_a_step_runs_and_it_waits(
 ) -> None:
     """Stock kombu 5.7 exits the worker here: the channel it detached on the connection error is
     closed again (pushing back unacked messages) and acknowledged on (the running step ends)."""
-    import subprocess
     import sys
 
     from celery import Celery
 
+    from orchestrator.embedded import ManagedProcess
     from orchestrator.engine.celery_config import make_celery
     from orchestrator.local_stack import wait_until
 
@@ -108,15 +108,15 @@ def test_a_worker_survives_losing_redis_while_a_step_runs_and_it_waits(
     def log_text() -> str:
         return log_path.read_text(errors="replace")
 
-    env = {**os.environ, "FLEET_REDIS_URL": redis.url, "PYTHONPATH": str(root)}
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.integration.redis_loss_app", "worker",
-             "-c", "2", "-Q", "fleet", "--without-gossip", "--without-mingle", "-l", "INFO"],
-            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    worker = ManagedProcess(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.redis_loss_app", "worker",
+         "-c", "2", "-Q", "fleet", "--without-gossip", "--without-mingle", "-l", "INFO"],
+        name="worker", pid_file=tmp_path / "worker.pid", log_file=log_path, marker="celery",
+        env={**os.environ, "FLEET_REDIS_URL": redis.url, "PYTHONPATH": str(root)}, cwd=root,
+    )  # fmt: skip
     try:
-        assert wait_until(lambda: "ready." in log_text(), 60, 0.2), log_text()[-3000:]
+        worker.start()
+        worker.wait_ready(lambda: "ready." in log_text(), timeout=60)
         # Given a step running in one pool process while the consumer waits for more messages
         started, first_done, second_done = (tmp_path / n for n in ("started", "first", "second"))
         sender().send_task("probe.sleep", args=[str(started), str(first_done), 3.0])
@@ -129,15 +129,11 @@ def test_a_worker_survives_losing_redis_while_a_step_runs_and_it_waits(
         redis = RedisServer(run_dir=embedded_run_dir, port=port).start()
         # Then the same worker process reconnects and runs the next step
         sender().send_task("probe.sleep", args=[str(tmp_path / "s2"), str(second_done), 0.0])
-        assert wait_until(lambda: second_done.exists() or worker.poll() is not None, 60, 0.1)
-        assert worker.poll() is None and second_done.exists(), log_text()[-3000:]
+        assert wait_until(lambda: second_done.exists() or not worker.is_running(), 60, 0.1)
+        assert worker.is_running() and second_done.exists(), worker.log_tail(40)
         assert "Unrecoverable error" not in log_text()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.stop(timeout=20)
         redis.stop()
 
 
