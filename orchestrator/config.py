@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         gt=0,
         description="the reconciler re-sends a step once its update has not moved this long",
     )
+    continuous_scan_s: float = Field(
+        default=10.0, gt=0, description="how often a continuous rollout looks for devices that newly match"
+    )
     celery_concurrency: int = 2
     celery_visibility_timeout_s: int = Field(
         default=300, description="an unacknowledged task of a dead worker is redelivered after this"

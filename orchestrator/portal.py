@@ -8,9 +8,11 @@ from collections import defaultdict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from orchestrator.models import DeviceUpdate, Rollout, Wave
+from orchestrator.models import DeviceUpdate, Rollout, Wave, utcnow
+from orchestrator.pacing import pacing_view
+from orchestrator.policy import policy_of
 from orchestrator.protocol import PortalDevice, PortalRollout, portal_device_topic, portal_rollout_topic
-from orchestrator.state_machines import UPDATE_END_STATES, UpdateState
+from orchestrator.state_machines import ROLLOUT_END_STATES, UPDATE_END_STATES, UpdateState
 
 
 def device_message(
@@ -70,6 +72,18 @@ def rollout_summary(session: Session, rollout_id: int) -> PortalRollout | None:
     if rollout.started_at is not None and rollout.finished_at is None and 0 < ended < total:
         elapsed = time.time() - rollout.started_at.timestamp()
         eta = round(elapsed / ended * (total - ended), 1)
+    skipped: dict[str, int] = {}
+    if counts.get(UpdateState.SKIPPED):
+        reasons = session.execute(
+            select(DeviceUpdate.error_code, func.count())
+            .where(DeviceUpdate.rollout_id == rollout_id, DeviceUpdate.state == UpdateState.SKIPPED)
+            .group_by(DeviceUpdate.error_code)
+        )
+        skipped = {str(code or "unknown"): n for code, n in reasons}
+    pacing = None
+    if rollout.status not in ROLLOUT_END_STATES:
+        policy = policy_of(rollout.id, rollout.created_at, rollout.policy)
+        pacing = pacing_view(session, rollout.id, policy, rollout.started_at, utcnow())
     return PortalRollout(
         rollout_id=rollout.id,
         name=rollout.name,
@@ -80,6 +94,8 @@ def rollout_summary(session: Session, rollout_id: int) -> PortalRollout | None:
         current_wave=rollout.current_wave,
         waves=waves,
         eta_seconds=eta,
+        skipped=skipped,
+        pacing=pacing,
         ts=time.time(),
     )
 

@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -111,6 +111,8 @@ class ErrorCode(StrEnum):
     ALREADY_ON_TARGET = "already_on_target"
     CANCELED = "canceled"
     VERSION_MISMATCH = "version_mismatch"
+    WINDOW_CLOSED = "window_closed"  # the rollout's end time passed before the device was offered
+    OFFLINE = "offline"  # the device stayed offline until the rollout's end time
 
 
 class Stage(StrEnum):
@@ -201,6 +203,8 @@ class PortalRollout(_Message):
     current_wave: int | None = None
     waves: list[dict[str, int | str]] = Field(default_factory=list)
     eta_seconds: float | None = None
+    skipped: dict[str, int] = Field(default_factory=dict)  # SKIPPED devices by reason
+    pacing: dict[str, Any] | None = None  # rate, windows, offline waiting (orchestrator.pacing)
     ts: float
 
 

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orchestrator.api import (
     device_routes,
     firmware_routes,
+    group_routes,
     health_routes,
     metrics,
     portal_routes,
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
     v1.include_router(device_routes.router)
     v1.include_router(firmware_routes.router)
+    v1.include_router(group_routes.router)
     v1.include_router(rollout_routes.router)
     app.include_router(health_routes.router)
     app.include_router(metrics.router)

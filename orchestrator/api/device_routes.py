@@ -8,12 +8,16 @@ from fastapi import APIRouter, Path, Query
 
 from orchestrator.api.deps import DbSession, Operator, Viewer, actor
 from orchestrator.api.schemas import (
+    BulkTagChange,
     DeviceCreate,
     DeviceDetail,
     DeviceHistoryItem,
     DeviceOut,
     DevicePage,
     Name,
+    Tag,
+    TagChange,
+    TagResult,
     errors,
 )
 from orchestrator.protocol import DEVICE_ID_PATTERN
@@ -57,6 +61,9 @@ def list_devices(
         ),
     ] = [],  # noqa: B006 - FastAPI copies query defaults
     online: Annotated[bool | None, Query(description="only online (true) or offline (false) devices")] = None,
+    tag: Annotated[
+        list[Tag], Query(max_length=20, description="operator tag, repeatable; a device must carry every one")
+    ] = [],  # noqa: B006 - FastAPI copies query defaults
     cursor: Annotated[
         str | None, Query(max_length=512, description="next_cursor of the previous page")
     ] = None,
@@ -69,10 +76,32 @@ def list_devices(
         version=version,
         labels=query_service.parse_label_filters(label),
         online=online,
+        tags=tag,
         cursor=cursor,
         limit=limit,
     )
     return DevicePage(items=[DeviceOut.model_validate(d) for d in page.items], next_cursor=page.next_cursor)
+
+
+@router.post("/tags", response_model=TagResult, responses=errors(400, 404))
+def tag_devices(body: BulkTagChange, session: DbSession, token: Operator) -> TagResult:
+    """Add and remove operator tags on many devices at once (all or none: 404 if one is unknown).
+
+    Tags belong to operators; labels are what devices report about themselves and never touch them.
+    """
+    devices = device_service.set_tags(
+        session, body.device_ids, add=body.add, remove=body.remove, actor=actor(token)
+    )
+    return TagResult(devices=len(devices))
+
+
+@router.patch("/{device_id}/tags", response_model=DeviceOut, responses=errors(400, 404))
+def tag_device(device_id: DevicePath, body: TagChange, session: DbSession, token: Operator) -> DeviceOut:
+    """Add and remove operator tags on one device; returns the device."""
+    (device,) = device_service.set_tags(
+        session, [device_id], add=body.add, remove=body.remove, actor=actor(token)
+    )
+    return DeviceOut.model_validate(device)
 
 
 @router.get("/{device_id}", response_model=DeviceDetail, responses=errors(404))

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Path, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, Path, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from orchestrator.api.deps import AppSettings, DbSession, Operator, Viewer
+from orchestrator.api.deps import AppSettings, DbSession, Operator, Viewer, actor
 from orchestrator.api.schemas import FirmwareOut, FirmwarePage, Name, errors
 from orchestrator.errors import Unauthorized
 from orchestrator.services import query_service
 from orchestrator.services.firmware_service import (
     add_firmware,
     check_range,
+    delete_firmware,
+    deprecate_firmware,
     get_firmware,
     require_update_in_progress,
 )
@@ -72,6 +74,19 @@ def list_firmware(
 def firmware_details(firmware_id: FirmwareId, session: DbSession, _: Viewer) -> FirmwareOut:
     """One image's metadata."""
     return FirmwareOut.model_validate(get_firmware(session, firmware_id))
+
+
+@router.post("/{firmware_id}/deprecate", response_model=FirmwareOut, responses=errors(401, 403, 404, 422))
+def deprecate(firmware_id: FirmwareId, session: DbSession, token: Operator) -> FirmwareOut:
+    """Deprecate an image: no new rollout may use it; rollouts already using it go on. Idempotent."""
+    return FirmwareOut.model_validate(deprecate_firmware(session, firmware_id, actor=actor(token)))
+
+
+@router.delete("/{firmware_id}", status_code=204, responses=errors(401, 403, 404, 409, 422))
+def delete(firmware_id: FirmwareId, session: DbSession, token: Operator) -> Response:
+    """Delete an image and its file; 409 while any rollout refers to it (deprecate it instead)."""
+    delete_firmware(session, firmware_id, actor=actor(token))
+    return Response(status_code=204)
 
 
 @router.get(

@@ -17,6 +17,7 @@ from orchestrator.api.schemas import (
     DeviceUpdatePage,
     EventOut,
     EventPage,
+    Pacing,
     RolloutCreate,
     RolloutDetail,
     RolloutOut,
@@ -89,6 +90,8 @@ def rollout_status(rollout_id: RolloutId, session: DbSession, _: Viewer) -> Roll
         percent=summary.percent,
         waves=[WaveProgress.model_validate(w) for w in summary.waves],
         eta_seconds=summary.eta_seconds,
+        skipped=summary.skipped,
+        pacing=Pacing.model_validate(summary.pacing) if summary.pacing is not None else None,
     )
 
 

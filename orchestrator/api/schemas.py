@@ -8,18 +8,29 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from orchestrator.policy import RolloutPolicy, Target
+from orchestrator.policy import DeviceFilter, RolloutPolicy, Target
 from orchestrator.protocol import DEVICE_ID_PATTERN
-from orchestrator.services.device_service import LABEL_KEY_PATTERN, MAX_LABEL_VALUE, MAX_LABELS, NAME_PATTERN
+from orchestrator.services.device_service import (
+    LABEL_KEY_PATTERN,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_TAGGED_AT_ONCE,
+    MAX_TAGS,
+    NAME_PATTERN,
+    TAG_PATTERN,
+)
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN), Field(examples=["sensor-000042"])]
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN), Field(examples=["pilot"])]
 # No control characters: PostgreSQL refuses NUL in text, and labels end up in logs and UIs.
 LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _NAME = re.compile(NAME_PATTERN)
+_TAG = re.compile(TAG_PATTERN)
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 
 
 class ErrorBody(BaseModel):
@@ -60,7 +71,8 @@ class DeviceOut(_Out):
     id: str = Field(examples=["sensor-000042"])
     model: str = Field(examples=["sensor-v2"])
     firmware_version: str = Field(examples=["1.0.0"], description="the version the device last reported")
-    labels: dict[str, Any] = Field(examples=[{"site": "berlin"}])
+    labels: dict[str, Any] = Field(examples=[{"site": "berlin"}], description="what the device reports")
+    tags: list[str] = Field(default_factory=list, examples=[["pilot"]], description="set by operators")
     online: bool
     slot: str | None = Field(None, examples=["a"])
     agent_version: str | None = None
@@ -95,6 +107,72 @@ class DevicePage(BaseModel):
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last")
 
 
+class TagChange(BaseModel):
+    """Operator tags to add and to remove (removal wins when a tag is in both)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"add": ["pilot"], "remove": []}]}
+    )
+
+    add: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    remove: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+
+class BulkTagChange(TagChange):
+    device_ids: list[DeviceId] = Field(min_length=1, max_length=MAX_TAGGED_AT_ONCE)
+
+
+class TagResult(BaseModel):
+    devices: int = Field(description="devices the change was applied to")
+
+
+# ---------------------------------------------------------------- groups
+class GroupFilter(DeviceFilter):
+    """A saved group's filter: every given part must match."""
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str | None) -> str | None:
+        if model is not None and not _NAME.match(model):
+            raise ValueError(f"model must match {NAME_PATTERN}")
+        return model
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_names(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not _TAG.match(tag):
+                raise ValueError(f"tag {tag[:70]!r} must match {TAG_PATTERN}")
+        return tags
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"label key {key[:70]!r} must match {LABEL_KEY_PATTERN}")
+        return labels
+
+
+class GroupCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "berlin-pilot", "filter": {"model": "sensor-v2", "tags": ["pilot"]}}]
+        },
+    )
+
+    name: Name = Field(examples=["berlin-pilot"])
+    filter: GroupFilter
+
+
+class GroupOut(BaseModel):
+    name: str
+    filter: dict[str, Any]
+    created_at: datetime
+    devices: int = Field(description="devices the filter selects now")
+
+
 # ---------------------------------------------------------------- firmware
 class FirmwareOut(_Out):
     id: int
@@ -104,6 +182,7 @@ class FirmwareOut(_Out):
     sha256: str = Field(examples=["1e2b8f483a5411a9536365c42df6a2d9e2799c5f2269f0e72d9031db57140fe9"])
     signature: str = Field(description="base64 ed25519 signature over the canonical manifest")
     created_at: datetime
+    deprecated_at: datetime | None = Field(None, description="set: no new rollout may use it")
 
 
 class FirmwarePage(BaseModel):
@@ -153,6 +232,9 @@ class RolloutCreate(BaseModel):
                 raise ValueError(f"device id {device_id[:140]!r} must match {DEVICE_ID_PATTERN}")
         if target.model is not None and not _NAME.match(target.model):
             raise ValueError(f"model must match {NAME_PATTERN}")
+        if target.group is not None and not _NAME.match(target.group):
+            raise ValueError(f"group must match {NAME_PATTERN}")
+        GroupFilter.model_validate(target.model_dump(include={"model", "tags", "labels"}))
         return target
 
 
@@ -173,6 +255,20 @@ class RolloutOut(_Out):
     updated_at: datetime
 
 
+class Pacing(BaseModel):
+    """What holds a running rollout back right now: its rate, its windows, offline devices."""
+
+    rate_per_minute: int | None = Field(None, description="offers per minute the ramp allows now")
+    offered_last_minute: int = 0
+    window_open: bool | None = Field(None, description="null: the policy has no windows")
+    window_closes_at: datetime | None = None
+    next_window_at: datetime | None = None
+    waiting_for_window: int = Field(0, description="verified devices waiting for a window to install")
+    waiting_offline: int = Field(0, description="queued devices that are offline")
+    end_at: datetime | None = None
+    continuous: bool = False
+
+
 class WaveProgress(BaseModel):
     index: int
     status: str = Field(examples=["RUNNING"])
@@ -186,6 +282,10 @@ class RolloutDetail(RolloutOut):
     percent: float = Field(description="share of device updates in an end state")
     waves: list[WaveProgress]
     eta_seconds: float | None = Field(None, description="naive estimate from the rate so far")
+    skipped: dict[str, int] = Field(
+        default_factory=dict, examples=[{"already_on_target": 3, "offline": 1}], description="skips by reason"
+    )
+    pacing: Pacing | None = None
 
 
 class RolloutPage(BaseModel):

@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session, aliased
 
 from orchestrator.engine.desired import desired_message
 from orchestrator.engine.runtime import Runtime
-from orchestrator.engine.waves import policy_of
-from orchestrator.models import DeviceUpdate, Firmware, Rollout, utcnow
+from orchestrator.models import Device, DeviceUpdate, Firmware, Rollout, utcnow
+from orchestrator.pacing import rate_room
+from orchestrator.policy import policy_of
 from orchestrator.portal import device_message
 from orchestrator.protocol import Stage
 from orchestrator.state_machines import UPDATE_IN_FLIGHT, RolloutState, UpdateEvent, UpdateState
@@ -73,12 +74,15 @@ def _candidates(session: Session, rollout_id: int, limit: int) -> list[int]:
         other.rollout_id != rollout_id,
         other.state.in_(UPDATE_IN_FLIGHT),
     )
+    # An offline device holds no slot: it is offered once its presence says it is back.
     return list(
         session.scalars(
             select(DeviceUpdate.id)
+            .join(Device, Device.id == DeviceUpdate.device_id)
             .where(
                 DeviceUpdate.rollout_id == rollout_id,
                 DeviceUpdate.state == UpdateState.QUEUED,
+                Device.online.is_(True),
                 ~busy_elsewhere,
             )
             .order_by(DeviceUpdate.id)
@@ -93,13 +97,24 @@ def _admit_once(rt: Runtime, rollout_id: int) -> tuple[list[MovedRow], bool, int
     with rt.sessions() as session:
         row = session.execute(
             select(
-                Rollout.status, Rollout.admission_seq, Rollout.created_at, Rollout.policy, Rollout.firmware_id
+                Rollout.status,
+                Rollout.admission_seq,
+                Rollout.created_at,
+                Rollout.started_at,
+                Rollout.policy,
+                Rollout.firmware_id,
             ).where(Rollout.id == rollout_id)
         ).one_or_none()
         if row is None or row.status != RolloutState.RUNNING:
             return [], False, 0
         policy = policy_of(rollout_id, row.created_at, row.policy)
+        now = utcnow()
+        if policy.ended(now):
+            return [], False, row.firmware_id  # the reconciler skips what was not reached
         free = policy.max_in_flight - in_flight_count(session, rollout_id)
+        room = rate_room(session, rollout_id, policy, row.started_at, now)
+        if room is not None:
+            free = min(free, room)  # the reconciler admits again as the minute slides
         if free <= 0:
             return [], False, row.firmware_id
         wanted = min(free, ADMIT_CHUNK)
@@ -119,7 +134,6 @@ def _admit_once(rt: Runtime, rollout_id: int) -> tuple[list[MovedRow], bool, int
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
             return None
-        now = utcnow()
         moved = bulk_transition_where(
             session,
             UpdateEvent.OFFER,

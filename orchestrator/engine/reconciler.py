@@ -3,8 +3,11 @@
 Each pass, every part on its own (a failure in one row or one part is logged and the pass goes on):
 
 - starts scheduled rollouts whose ``start_at`` has come;
-- times out in-flight updates past their stage deadline (the download deadline is set at offer,
-  the install deadline when VERIFIED is applied): a retry when attempts remain, else TIMED_OUT;
+- ends what a rollout past its ``end_at`` never offered: SKIPPED (offline, or window_closed);
+- lets devices that newly match a continuous rollout's target join its last wave;
+- times out in-flight updates of online devices past their stage deadline (the download deadline
+  is set at offer, the install deadline when VERIFIED is applied or for the next maintenance
+  window): a retry when attempts remain, else TIMED_OUT;
 - requeues RETRYING updates whose backoff has passed (their deadline is the retry time);
 - re-sends the step of every update that stopped moving: after ``FLEET_STALL_S`` when the next
   move is ours (OFFERED: publish the offer again; VERIFIED: install; ended but not finalized:
@@ -32,10 +35,12 @@ from sqlalchemy.orm import Session
 
 from orchestrator.engine.admission import admit, in_flight_count
 from orchestrator.engine.dispatch import DispatchFailed
+from orchestrator.engine.lifetime import join_new_devices, scan_due, skip_unreached
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.steps import finalize
 from orchestrator.engine.waves import close_wave, kick, rollout_policy, wave_is_open
-from orchestrator.models import DeviceUpdate, Rollout, Wave, utcnow
+from orchestrator.models import Device, DeviceUpdate, Rollout, Wave, utcnow
+from orchestrator.policy import RolloutPolicy, policy_of
 from orchestrator.state_machines import (
     UPDATE_END_STATES,
     UPDATE_IN_FLIGHT,
@@ -58,8 +63,10 @@ def reconcile_once(rt: Runtime) -> dict[str, int]:
     stats: Counter[str] = Counter()
     parts: list[Callable[[Runtime, Counter[str]], None]] = [
         _start_due,
+        _end_due,
         _time_out,
         _requeue_due,
+        _join_continuous,
         _redrive,
         _repair_rollouts,
     ]
@@ -109,12 +116,60 @@ def _start_due(rt: Runtime, stats: Counter[str]) -> None:
     _each(stats, "start", due, start)
 
 
+def _policies(rt: Runtime, stats: Counter[str], *statuses: RolloutState) -> list[tuple[int, RolloutPolicy]]:
+    """Policies of the rollouts in ``statuses``; one that does not parse is counted and left out."""
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(Rollout.id, Rollout.created_at, Rollout.policy).where(Rollout.status.in_(statuses))
+        ).all()
+    parsed: list[tuple[int, RolloutPolicy]] = []
+    for rollout_id, created_at, doc in rows:
+        try:
+            parsed.append((rollout_id, policy_of(rollout_id, created_at, doc)))
+        except ValueError as exc:
+            stats["policy_errors"] += 1
+            log.warning("reconcile: rollout %s has an unreadable policy (%s)", rollout_id, exc)
+    return parsed
+
+
+def _end_due(rt: Runtime, stats: Counter[str]) -> None:
+    """Rollouts past their end time: what was never offered ends SKIPPED (offline or window_closed)."""
+    now = utcnow()
+    due = [i for i, p in _policies(rt, stats, RolloutState.RUNNING, RolloutState.PAUSED) if p.ended(now)]
+
+    def end(rollout_id: int) -> None:
+        skipped = skip_unreached(rt, rollout_id)
+        stats["skipped_at_end"] += skipped
+
+    _each(stats, "end", due, end)
+
+
+def _join_continuous(rt: Runtime, stats: Counter[str]) -> None:
+    now = utcnow()
+    due = [
+        i
+        for i, p in _policies(rt, stats, RolloutState.RUNNING)
+        if p.continuous and not p.ended(now) and scan_due(i, rt.settings.continuous_scan_s)
+    ]
+
+    def join(rollout_id: int) -> None:
+        stats["joined"] += join_new_devices(rt, rollout_id)
+
+    _each(stats, "join", due, join)
+
+
 def _time_out(rt: Runtime, stats: Counter[str]) -> None:
     now = utcnow()
     with rt.sessions() as session:
+        # An offline device's clock stands still (ingest moves its deadlines when it comes back).
         expired = session.execute(
             select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.attempt, DeviceUpdate.rollout_id)
-            .where(DeviceUpdate.state.in_(UPDATE_IN_FLIGHT), DeviceUpdate.deadline_at < now)
+            .join(Device, Device.id == DeviceUpdate.device_id)
+            .where(
+                DeviceUpdate.state.in_(UPDATE_IN_FLIGHT),
+                DeviceUpdate.deadline_at < now,
+                Device.online.is_(True),
+            )
             .limit(BATCH)
         ).all()
     by_rollout: dict[int, list[tuple[int, UpdateState, int]]] = defaultdict(list)
@@ -278,10 +333,12 @@ def _repair_rollouts(rt: Runtime, stats: Counter[str]) -> None:
                 )
             )
             free = queued and in_flight_count(session, rollout_id) < _max_in_flight(session, rollout_id)
+        closed = 0
         for wave_id in finished:
             if close_wave(rt, wave_id) is not None:
-                stats["waves_closed"] += 1
-        if free and not finished:
+                closed += 1
+        stats["waves_closed"] += closed
+        if free and not closed:  # a wave held open (continuous rollout) still admits
             stats["admitted"] += admit(rt, rollout_id)
 
     candidates = [i for i, s in rollouts if waves_of.get(i) or s == RolloutState.RUNNING]

@@ -1,8 +1,10 @@
 """The install and finalize steps, and the re-publication of an offer; each acts on a batch of updates.
 
 * **install** (sent by ingest when a device reported VERIFIED): publish the install-stage desired
-  document to every update of the batch that is still VERIFIED. Its deadline was set when VERIFIED
-  was applied, so the step writes nothing and running it twice only repeats a retained publish.
+  document to every update of the batch that is still VERIFIED, if its rollout's maintenance
+  window has room now. Its deadline was set when VERIFIED was applied, so then the step writes
+  nothing and running it twice only repeats a retained publish. Outside a window it moves the
+  row's redrive time and deadline to the next window instead.
 * **finalize** (sent when updates reached an end state): clear the device's desired document,
   publish its final portal document, mark the row finalized, then check the failure threshold,
   close waves that have nothing open and admit devices into the slots just freed.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
@@ -27,6 +30,8 @@ from orchestrator.engine.desired import clear_desired_message, desired_message
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.waves import close_wave, halt_if_threshold_reached, wave_is_open
 from orchestrator.models import Device, DeviceUpdate, Rollout, utcnow
+from orchestrator.pacing import install_time
+from orchestrator.policy import policy_of
 from orchestrator.portal import device_message
 from orchestrator.protocol import Stage
 from orchestrator.state_machines import (
@@ -39,6 +44,7 @@ from orchestrator.state_machines import (
 
 log = logging.getLogger(__name__)
 _DOWNLOAD_STAGE = (UpdateState.OFFERED, UpdateState.DOWNLOADING, UpdateState.DOWNLOADED)
+_INSTALL_STAGE = tuple(s for s in UPDATE_AWAITING_INSTALL if s != UpdateState.VERIFIED)
 
 
 def _publish_stage(
@@ -70,14 +76,58 @@ def _publish_stage(
 
 
 def install(rt: Runtime, update_ids: Sequence[int]) -> int:
-    """Send the install stage to updates that are VERIFIED; returns how many were told."""
-    return _publish_stage(rt, update_ids, (UpdateState.VERIFIED,), Stage.INSTALL)
+    """Send the install stage to updates that are VERIFIED and whose rollout's maintenance window
+    has room for the install now; returns how many were told.
+
+    The others wait in SQL, holding no worker: their redrive time becomes the next window with room
+    (the reconciler sends this step again then) and their install deadline counts from it. When no
+    window with room comes within the horizon, nothing is sent and the install deadline stands.
+    """
+    now = utcnow()
+    ready: list[int] = []
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(DeviceUpdate.id, Rollout.id, Rollout.created_at, Rollout.policy)
+            .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
+            .where(DeviceUpdate.id.in_(list(update_ids)), DeviceUpdate.state == UpdateState.VERIFIED)
+        ).all()
+        waiting: dict[datetime, list[int]] = defaultdict(list)
+        install_timeout: dict[datetime, float] = {}
+        for update_id, rollout_id, created_at, policy_doc in rows:
+            policy = policy_of(rollout_id, created_at, policy_doc)
+            at = install_time(policy, now)
+            if at is None:
+                continue  # no window with room ahead: never installs; its install deadline ends it
+            if at <= now:
+                ready.append(update_id)
+            else:
+                waiting[at].append(update_id)
+                install_timeout[at] = max(install_timeout.get(at, 0.0), policy.install_timeout_s)
+        for at, ids in waiting.items():
+            session.execute(
+                update(DeviceUpdate)
+                .where(DeviceUpdate.id.in_(ids), DeviceUpdate.state == UpdateState.VERIFIED)
+                .values(
+                    redrive_at=at,
+                    deadline_at=at + timedelta(seconds=install_timeout[at]),
+                    version=DeviceUpdate.version + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        if waiting:
+            session.commit()
+            log.info("%d verified update(s) wait for a maintenance window", sum(map(len, waiting.values())))
+    return _publish_stage(rt, ready, (UpdateState.VERIFIED,), Stage.INSTALL) if ready else 0
 
 
 def republish(rt: Runtime, update_ids: Sequence[int]) -> int:
-    """Send each in-flight update's current stage document again (lost document, or lost report)."""
+    """Send each in-flight update's current stage document again (lost document, or lost report).
+
+    A VERIFIED update goes through :func:`install`, so a re-send never installs outside a window.
+    """
     told = _publish_stage(rt, update_ids, _DOWNLOAD_STAGE, Stage.DOWNLOAD)
-    return told + _publish_stage(rt, update_ids, tuple(UPDATE_AWAITING_INSTALL), Stage.INSTALL)
+    told += install(rt, update_ids)
+    return told + _publish_stage(rt, update_ids, _INSTALL_STAGE, Stage.INSTALL)
 
 
 def finalize(rt: Runtime, update_ids: Sequence[int]) -> int:

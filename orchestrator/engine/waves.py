@@ -10,14 +10,13 @@ checks.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.engine.runtime import Runtime
 from orchestrator.models import DeviceUpdate, Rollout, Wave, utcnow
-from orchestrator.policy import RolloutPolicy
+from orchestrator.policy import RolloutPolicy, policy_of
 from orchestrator.protocol import ErrorCode
 from orchestrator.state_machines import (
     UPDATE_END_STATES,
@@ -35,19 +34,6 @@ from orchestrator.transitions import bulk_transition_where, transition_rollout, 
 log = logging.getLogger(__name__)
 # Percent failure thresholds only apply once this many devices of the rollout have finished.
 MIN_FINISHED_FOR_PERCENT = 10
-
-_policies: dict[tuple[int, datetime], RolloutPolicy] = {}
-
-
-def policy_of(rollout_id: int, created_at: datetime, policy: dict[str, object]) -> RolloutPolicy:
-    """The rollout's policy, parsed once per process (a policy never changes after creation)."""
-    key = (rollout_id, created_at)
-    parsed = _policies.get(key)
-    if parsed is None:
-        if len(_policies) > 10_000:
-            _policies.clear()
-        parsed = _policies[key] = RolloutPolicy.model_validate(policy)
-    return parsed
 
 
 def rollout_policy(rollout: Rollout) -> RolloutPolicy:
@@ -168,8 +154,12 @@ def close_wave(rt: Runtime, wave_id: int) -> str | None:
         wave = session.get(Wave, wave_id)
         if wave is None or wave.status != WaveState.RUNNING or wave_is_open(session, wave_id):
             return None
-        counts = wave_counts(session, wave_id)
         rollout = session.get_one(Rollout, wave.rollout_id)
+        from orchestrator.engine.lifetime import holds_last_wave_open
+
+        if holds_last_wave_open(session, rollout, wave):
+            return None
+        counts = wave_counts(session, wave_id)
         policy = rollout_policy(rollout)
         succeeded = counts.get(UpdateState.SUCCEEDED, 0)
         finished = sum(n for s, n in counts.items() if s not in (UpdateState.SKIPPED, UpdateState.CANCELED))

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.models import Device, Event, utcnow
+from orchestrator.models import Device, DeviceUpdate, Event, utcnow
 from orchestrator.protocol import DeviceInfo, is_reserved_device_id
+from orchestrator.state_machines import UPDATE_IN_FLIGHT
+
+
+def _stop_clock_while_offline(session: Session, back: dict[str, datetime | None], now: datetime) -> None:
+    """Stage timeouts count only while a device can act: a device coming back online has its
+    in-flight deadlines pushed out by as long as it was away (its ``last_seen`` is when it left)."""
+    rows = session.execute(
+        select(DeviceUpdate.id, DeviceUpdate.device_id, DeviceUpdate.deadline_at).where(
+            DeviceUpdate.device_id.in_(list(back)),
+            DeviceUpdate.state.in_(UPDATE_IN_FLIGHT),
+            DeviceUpdate.deadline_at.is_not(None),
+        )
+    ).all()
+    shifted = [
+        {"b_id": row_id, "b_deadline": deadline + (now - left)}
+        for row_id, device_id, deadline in rows
+        if deadline is not None and (left := back[device_id]) is not None and now > left
+    ]
+    if shifted:
+        table = DeviceUpdate.__table__
+        session.connection().execute(
+            update(table)  # type: ignore[arg-type]
+            .where(table.c.id == bindparam("b_id"))
+            .values(deadline_at=bindparam("b_deadline")),
+            shifted,
+        )
 
 
 def apply_inventory(
@@ -20,7 +48,16 @@ def apply_inventory(
     ids = list(infos.keys() | presence.keys())
     if not ids:
         return 0, 0
-    known = set(session.scalars(select(Device.id).where(Device.id.in_(ids))))
+    status = {
+        device_id: (online, last_seen)
+        for device_id, online, last_seen in session.execute(
+            select(Device.id, Device.online, Device.last_seen).where(Device.id.in_(ids))
+        )
+    }
+    known = set(status)
+    back = {d: status[d][1] for d, o in presence.items() if o and d in status and not status[d][0]}
+    if back:
+        _stop_clock_while_offline(session, back, now)
     new_rows = [
         {
             "id": device_id,

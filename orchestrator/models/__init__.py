@@ -3,10 +3,22 @@
 from orchestrator.models.api_token import ApiToken
 from orchestrator.models.base import Base, utcnow
 from orchestrator.models.device import Device
+from orchestrator.models.device_group import DeviceGroup
 from orchestrator.models.device_update import DeviceUpdate
 from orchestrator.models.event import Event
 from orchestrator.models.firmware import Firmware
 from orchestrator.models.rollout import Rollout
 from orchestrator.models.wave import Wave
 
-__all__ = ["ApiToken", "Base", "Device", "DeviceUpdate", "Event", "Firmware", "Rollout", "Wave", "utcnow"]
+__all__ = [
+    "ApiToken",
+    "Base",
+    "Device",
+    "DeviceGroup",
+    "DeviceUpdate",
+    "Event",
+    "Firmware",
+    "Rollout",
+    "Wave",
+    "utcnow",
+]

@@ -17,7 +17,9 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     model: Mapped[str] = mapped_column(String(64), index=True)
     firmware_version: Mapped[str] = mapped_column(String(64), index=True)
-    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict, doc="what the device reports about itself")
+    # Set by operators only; what the device reports (labels) never overwrites them.
+    tags: Mapped[list[str]] = mapped_column(default=list, server_default="[]")
     online: Mapped[bool] = mapped_column(default=False)
     slot: Mapped[str | None] = mapped_column(String(8))
     agent_version: Mapped[str | None] = mapped_column(String(64))

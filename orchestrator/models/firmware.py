@@ -22,3 +22,4 @@ class Firmware(Base):
     signature: Mapped[str] = mapped_column(String(128), doc="base64 ed25519 over the canonical manifest")
     storage_path: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deprecated_at: Mapped[datetime | None] = mapped_column(doc="no new rollout may use it after this")

@@ -98,3 +98,62 @@ def get_device(session: Session, device_id: str) -> Device:
     if device is None:
         raise NotFound(f"device {device_id} does not exist", field="device_id")
     return device
+
+
+TAG_PATTERN = LABEL_KEY_PATTERN
+"""Operator tags: the same rule as label keys (letters, digits and ``. _ / -``)."""
+MAX_TAGS = 32
+MAX_TAGGED_AT_ONCE = 10_000
+_TAG = re.compile(TAG_PATTERN)
+
+
+def set_tags(
+    session: Session,
+    device_ids: list[str],
+    *,
+    add: list[str] = [],  # noqa: B006 - read only
+    remove: list[str] = [],  # noqa: B006 - read only
+    actor: str = "operator",
+) -> list[Device]:
+    """Add and remove operator tags on every given device; returns the devices. Commits.
+
+    Tags are the operator's: what a device reports about itself (labels) never changes them.
+    Preconditions: every device exists (else NotFound naming one), tags match TAG_PATTERN, a device
+    ends with at most MAX_TAGS tags, at most MAX_TAGGED_AT_ONCE devices per call.
+    """
+    if not add and not remove:
+        raise InvalidInput("give tags to add or to remove", field="add")
+    if len(device_ids) > MAX_TAGGED_AT_ONCE:
+        raise InvalidInput(f"at most {MAX_TAGGED_AT_ONCE} devices per call", field="device_ids")
+    for field, tags in (("add", add), ("remove", remove)):
+        for tag in tags:
+            if not _TAG.match(tag):
+                raise InvalidInput(f"tag {tag[:70]!r} must match {TAG_PATTERN}", field=field)
+    unique = list(dict.fromkeys(device_ids))
+    devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(unique)))}
+    missing = [d for d in unique if d not in devices]
+    if missing:
+        raise NotFound(f"device {missing[0]} does not exist ({len(missing)} unknown)", field="device_ids")
+    now = utcnow()
+    changed: list[str] = []
+    for device_id in unique:
+        device = devices[device_id]
+        tags = sorted((set(device.tags or ()) | set(add)) - set(remove))
+        if len(tags) > MAX_TAGS:
+            raise InvalidInput(f"device {device_id} would carry more than {MAX_TAGS} tags", field="add")
+        if tags != sorted(device.tags or ()):
+            device.tags = tags
+            changed.append(device_id)
+    if changed:
+        session.add_all(
+            Event(
+                kind="operator",
+                name="device_tagged",
+                device_id=device_id,
+                detail={"actor": actor, "add": add, "remove": remove},
+                created_at=now,
+            )
+            for device_id in changed
+        )
+    session.commit()
+    return [devices[d] for d in unique]

@@ -15,13 +15,14 @@ from sqlalchemy.orm import Session
 from orchestrator.config import Settings
 from orchestrator.errors import (
     AlreadyExists,
+    Conflict,
     Forbidden,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
     RangeNotSatisfiable,
 )
-from orchestrator.models import Firmware
+from orchestrator.models import Event, Firmware, utcnow
 from orchestrator.protocol import FirmwareRef, verify_manifest_signature
 from orchestrator.signing import load_private_key, load_public_key, sign_manifest
 
@@ -136,3 +137,54 @@ def require_update_in_progress(session: Session, firmware_id: int, device_id: st
     )
     if active is None:
         raise Forbidden(f"device {device_id} has no update of firmware {firmware_id} in progress")
+
+
+def deprecate_firmware(session: Session, firmware_id: int, *, actor: str = "operator") -> Firmware:
+    """Mark an image deprecated: no new rollout may use it; rollouts using it go on. Idempotent. Commits."""
+    firmware = get_firmware(session, firmware_id)
+    if firmware.deprecated_at is None:
+        firmware.deprecated_at = utcnow()
+        session.add(
+            Event(
+                kind="operator",
+                name="firmware_deprecated",
+                detail={"actor": actor, "firmware_id": firmware_id, "version": firmware.version},
+                created_at=firmware.deprecated_at,
+            )
+        )
+        session.commit()
+    return firmware
+
+
+def delete_firmware(session: Session, firmware_id: int, *, actor: str = "operator") -> None:
+    """Delete an image and its file. Conflict while any rollout, of any status, refers to it
+    (its history must stay readable): delete those rollouts' records first or keep the image. Commits."""
+    from orchestrator.models import Rollout
+
+    firmware = get_firmware(session, firmware_id)
+    users = list(session.scalars(select(Rollout.id).where(Rollout.firmware_id == firmware_id).limit(11)))
+    if users:
+        listed = ", ".join(map(str, users[:10])) + (" and more" if len(users) > 10 else "")
+        raise Conflict(
+            f"firmware {firmware_id} is used by rollout(s) {listed}; deprecate it instead",
+            field="firmware_id",
+        )
+    path = Path(firmware.storage_path)
+    session.delete(firmware)
+    session.add(
+        Event(
+            kind="operator",
+            name="firmware_deleted",
+            detail={
+                "actor": actor,
+                "firmware_id": firmware_id,
+                "model": firmware.model,
+                "version": firmware.version,
+            },
+            created_at=utcnow(),
+        )
+    )
+    session.commit()
+    # Files are stored by content: another image with the same bytes keeps the file.
+    if session.scalar(select(Firmware.id).where(Firmware.storage_path == str(path)).limit(1)) is None:
+        path.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import InvalidInput, NotFound
@@ -126,6 +126,7 @@ def list_devices(
     version: str | None = None,
     labels: dict[str, str] | None = None,
     online: bool | None = None,
+    tags: list[str] | None = None,
     cursor: str | None = None,
     limit: int = 100,
 ) -> Page[Device]:
@@ -148,6 +149,11 @@ def list_devices(
         if not _LABEL_KEY.match(key):
             raise InvalidInput(f"label key {key!r} must match {LABEL_KEY_PATTERN}", field="label")
         query = query.where(Device.labels[key].as_string() == value)
+    for tag in tags or ():
+        if not _LABEL_KEY.match(tag):
+            raise InvalidInput(f"tag {tag[:70]!r} must match {LABEL_KEY_PATTERN}", field="tag")
+        # The JSON text holds each tag in quotes, and the pattern admits no quote: a portable test.
+        query = query.where(cast(Device.tags, String).contains(f'"{tag}"', autoescape=True))
     return _page(session.scalars(query).all(), limit, "devices", lambda d: d.id)
 
 

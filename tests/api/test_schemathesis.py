@@ -71,7 +71,14 @@ def test_openapi_operations_never_fail_on_the_server(
     firmware_id = upload(client, operator).json()["id"]
     body = {"name": "seed", "firmware_id": firmware_id, "target": {"model": "sensor-v2"}}
     rollout_id = client.post("/v1/rollouts", headers=operator, json=body).json()["id"]
-    known = {"device_id": "dev-00000", "firmware_id": firmware_id, "rollout_id": rollout_id}
+    group = {"name": "seed-group", "filter": {"model": "sensor-v2"}}
+    assert client.post("/v1/groups", headers=operator, json=group).status_code == 201
+    known = {
+        "device_id": "dev-00000",
+        "firmware_id": firmware_id,
+        "rollout_id": rollout_id,
+        "name": "seed-group",
+    }
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from orchestrator.engine.runtime import Runtime
+from tests.integration.engine_kit import engine_runtime
 from tests.integration.harness import Harness, running_harness
 
 
@@ -18,3 +20,12 @@ def harness(tmp_path: Path, database_url: str, redis_url: str, mqtt_broker: Any)
         pytest.skip("full-stack tests run on [sqlite-embedded] and [postgres-external] only")
     with running_harness(tmp_path / "stack", database_url, redis_url, mqtt_broker) as h:
         yield h
+
+
+@pytest.fixture
+def rt(database_url: str, redis_url: str, mqtt_broker: Any) -> Iterator[Runtime]:
+    """Engine steps in this process on real services (no worker): for step-level tests."""
+    if database_url.startswith("sqlite") == (mqtt_broker.kind == "external"):
+        pytest.skip("runs on [sqlite-embedded] and [postgres-external] only")
+    with engine_runtime(database_url, redis_url, mqtt_broker) as runtime:
+        yield runtime

@@ -78,6 +78,7 @@ def running_harness(
         extra_env={
             "FLEET_RECONCILE_INTERVAL_S": "1",
             "FLEET_STALL_S": "3",
+            "FLEET_CONTINUOUS_SCAN_S": "1",
             "FLEET_CELERY_VISIBILITY_TIMEOUT_S": "10",
             "FLEET_PORTAL_SUMMARY_INTERVAL_MS": "100",
             **(extra_env or {}),

@@ -8,164 +8,42 @@ crash left half done.
 
 from __future__ import annotations
 
-import itertools
-import json
-import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-import redis
-from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
-from orchestrator.config import Settings
+from orchestrator import policy as policy_module
 from orchestrator.db import session_scope
 from orchestrator.engine import reconciler, steps, waves
 from orchestrator.engine.admission import admit
-from orchestrator.engine.celery_config import make_celery
-from orchestrator.engine.runtime import Runtime, build_runtime
-from orchestrator.ingest.report_applier import ReportApplier
+from orchestrator.engine.runtime import Runtime
 from orchestrator.models import DeviceUpdate, Event, Rollout, Wave, utcnow
-from orchestrator.policy import RolloutPolicy, Target
-from orchestrator.protocol import Report, ReportState
-from orchestrator.services.rollout_planner import create_rollout
-from orchestrator.services.rollout_service import start_rollout
-from orchestrator.state_machines import UPDATE_IN_FLIGHT, UpdateState, WaveState
-from tests.factories import add_devices, add_firmware_row
+from orchestrator.policy import RolloutPolicy
+from orchestrator.protocol import ReportState
+from orchestrator.state_machines import UpdateState, WaveState
+from tests.integration.engine_kit import (
+    Retained,
+    counts,
+    in_flight,
+    plan_rollout,
+    queued_messages,
+    report,
+    target_version,
+    updates,
+)
 
 pytestmark = [pytest.mark.integration]
-
-
-@pytest.fixture
-def rt(database_url: str, redis_url: str, mqtt_broker: Any) -> Iterator[Runtime]:
-    if database_url.startswith("sqlite") == (mqtt_broker.kind == "external"):
-        pytest.skip("runs on [sqlite-embedded] and [postgres-external] only")
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, database_url=database_url, redis_url=redis_url, mqtt_url=mqtt_broker.url, stall_s=1
-    )
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    client.close()
-    app = make_celery(settings)
-    runtime = build_runtime(settings, app)
-    yield runtime
-    runtime.close()
-    app.close()
-
-
-class Retained:
-    """The retained desired documents of some devices, as a device would receive them."""
-
-    def __init__(self, broker: Any, prefix: str) -> None:
-        self.docs: dict[str, dict[str, Any]] = {}
-        self.count: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{secrets.token_hex(4)}")
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe("fleet/v1/devices/+/desired", qos=1)
-        self.prefix = prefix
-
-    def _on_message(self, _c: object, _u: object, m: mqtt.MQTTMessage) -> None:
-        device = m.topic.split("/")[3]
-        if not device.startswith(self.prefix):
-            return
-        with self._lock:
-            self.count[device] += 1
-            if m.payload:
-                self.docs[device] = json.loads(m.payload)
-            else:
-                self.docs.pop(device, None)
-
-    def wait(self, predicate: Any, timeout: float = 10) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if predicate(self):
-                    return True
-            time.sleep(0.05)
-        return False
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def _rollout(rt: Runtime, devices: int, policy: RolloutPolicy) -> tuple[int, str]:
-    prefix = f"e{secrets.token_hex(3)}-"
-    with session_scope(rt.settings.database_url) as session:
-        ids = add_devices(session, devices, prefix=prefix)
-        firmware = add_firmware_row(session, version=f"9.{secrets.randbelow(10**6)}")
-        rollout = create_rollout(
-            session, name="t", firmware_id=firmware.id, target=Target(device_ids=ids), policy=policy
-        )
-        session.commit()
-        start_rollout(session, rollout.id, actor="test", send=False)
-        return rollout.id, prefix
-
-
-def _counts(rt: Runtime, rollout_id: int) -> dict[str, int]:
-    with session_scope(rt.settings.database_url) as session:
-        rows = session.execute(
-            select(DeviceUpdate.state, func.count())
-            .where(DeviceUpdate.rollout_id == rollout_id)
-            .group_by(DeviceUpdate.state)
-        ).all()
-    return {str(state): n for state, n in rows}
-
-
-def _updates(rt: Runtime, rollout_id: int, *states: UpdateState) -> list[DeviceUpdate]:
-    with session_scope(rt.settings.database_url) as session:
-        query = select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout_id).order_by(DeviceUpdate.id)
-        if states:
-            query = query.where(DeviceUpdate.state.in_(states))
-        return list(session.scalars(query))
-
-
-_seq = itertools.count(1)
-
-
-def _report(rt: Runtime, rows: list[DeviceUpdate], *states: ReportState, version: str = "1.0.0") -> Any:
-    """Reports as the devices would send them (``seq`` rising), applied by ingest's applier."""
-    applier = ReportApplier()
-    reports = []
-    for du in rows:
-        for state in states:
-            report = Report(
-                update_id=du.id, attempt=du.attempt, state=state, seq=next(_seq), running_version=version
-            )
-            reports.append((du.device_id, report))
-    with session_scope(rt.settings.database_url) as session:
-        return applier.apply(session, reports)
-
-
-def _queued_messages(rt: Runtime) -> list[tuple[str, Any]]:
-    """(task name, args) of every step message waiting in the Celery queue."""
-    client = rt.marks.redis
-    found = []
-    for raw in client.lrange("fleet", 0, -1):
-        message = json.loads(raw)
-        args = json.loads(__import__("base64").b64decode(message["body"]))[0]
-        found.append((message["headers"]["task"], args))
-    return found
-
-
-def _in_flight(rt: Runtime, rollout_id: int) -> int:
-    counts = _counts(rt, rollout_id)
-    return sum(counts.get(str(s), 0) for s in UPDATE_IN_FLIGHT)
 
 
 # ====================================================================== admission
 def test_admission_is_a_hard_cap_even_when_admissions_race(rt: Runtime, mqtt_broker: Any) -> None:
     # Given a running wave of 120 devices and max_in_flight 25
-    rollout_id, _ = _rollout(rt, 120, RolloutPolicy(waves=["100%"], max_in_flight=25))
+    rollout_id, _ = plan_rollout(rt, 120, RolloutPolicy(waves=["100%"], max_in_flight=25))
     with rt.sessions() as session:
         wave = session.scalars(select(Wave).where(Wave.rollout_id == rollout_id)).one()
         waves.start_wave(session, session.get_one(Rollout, rollout_id), wave)
@@ -175,7 +53,7 @@ def test_admission_is_a_hard_cap_even_when_admissions_race(rt: Runtime, mqtt_bro
     def watch() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, _in_flight(rt, rollout_id))
+            peak = max(peak, in_flight(rt, rollout_id))
             time.sleep(0.01)
 
     def admit_many() -> None:
@@ -191,13 +69,13 @@ def test_admission_is_a_hard_cap_even_when_admissions_race(rt: Runtime, mqtt_bro
             t.start()
         for t in threads:
             t.join()
-        assert _in_flight(rt, rollout_id) == 25
+        assert in_flight(rt, rollout_id) == 25
         # ten devices end: ten slots free up
-        finishing = _updates(rt, rollout_id, UpdateState.OFFERED)[:10]
-        _report(rt, finishing, ReportState.VERIFIED, ReportState.INSTALLING)
-        done = _report(rt, finishing, ReportState.SUCCEEDED, version=_target_version(rt, rollout_id))
+        finishing = updates(rt, rollout_id, UpdateState.OFFERED)[:10]
+        report(rt, finishing, ReportState.VERIFIED, ReportState.INSTALLING)
+        done = report(rt, finishing, ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
         assert len(done.finalize_ids) == 10, done.counters
-        assert _in_flight(rt, rollout_id) == 15
+        assert in_flight(rt, rollout_id) == 15
     stop.set()
     watcher.join()
     # Then devices in flight never exceeded the cap
@@ -208,20 +86,6 @@ def test_admission_is_a_hard_cap_even_when_admissions_race(rt: Runtime, mqtt_bro
     assert offers and max(offers.values()) == 1  # and no device was offered twice
 
 
-def _target_version(rt: Runtime, rollout_id: int) -> str:
-    from orchestrator.models import Firmware
-
-    with session_scope(rt.settings.database_url) as session:
-        return (
-            session.scalar(
-                select(Firmware.version)
-                .join(Rollout, Rollout.firmware_id == Firmware.id)
-                .where(Rollout.id == rollout_id)
-            )
-            or ""
-        )
-
-
 def _events(rt: Runtime, rollout_id: int) -> list[Event]:
     with session_scope(rt.settings.database_url) as session:
         return list(session.scalars(select(Event).where(Event.rollout_id == rollout_id).order_by(Event.id)))
@@ -229,31 +93,31 @@ def _events(rt: Runtime, rollout_id: int) -> list[Event]:
 
 # ====================================================================== idempotency
 def test_every_step_run_twice_changes_nothing_twice(rt: Runtime, mqtt_broker: Any) -> None:
-    rollout_id, prefix = _rollout(rt, 6, RolloutPolicy(waves=["100%"], max_in_flight=4))
+    rollout_id, prefix = plan_rollout(rt, 6, RolloutPolicy(waves=["100%"], max_in_flight=4))
     retained = Retained(mqtt_broker, prefix)
     try:
         # kick twice: one wave start, four devices offered (the cap), the second kick changes nothing
         waves.kick(rt, rollout_id)
         waves.kick(rt, rollout_id)
-        assert _counts(rt, rollout_id) == {"OFFERED": 4, "QUEUED": 2}
+        assert counts(rt, rollout_id) == {"OFFERED": 4, "QUEUED": 2}
         assert admit(rt, rollout_id) == 0
         assert retained.wait(lambda r: len(r.docs) == 4)
         # install twice for the same VERIFIED updates: the same install document, retained once
-        offered = _updates(rt, rollout_id, UpdateState.OFFERED)
-        out = _report(rt, offered[:2], ReportState.DOWNLOADING, ReportState.DOWNLOADED, ReportState.VERIFIED)
+        offered = updates(rt, rollout_id, UpdateState.OFFERED)
+        out = report(rt, offered[:2], ReportState.DOWNLOADING, ReportState.DOWNLOADED, ReportState.VERIFIED)
         assert sorted(out.install_ids) == [du.id for du in offered[:2]]
         assert steps.install(rt, out.install_ids) == 2
         assert steps.install(rt, out.install_ids) == 2
         assert retained.wait(lambda r: all(r.docs[du.device_id]["stage"] == "install" for du in offered[:2]))
         assert steps.install(rt, [du.id for du in offered[2:]]) == 0  # not VERIFIED: left alone
         # finalize twice: counted once, desired cleared once and for all
-        out = _report(rt, offered[:2], ReportState.INSTALLING, ReportState.REBOOTING)
-        out = _report(rt, offered[:2], ReportState.SUCCEEDED, version=_target_version(rt, rollout_id))
+        out = report(rt, offered[:2], ReportState.INSTALLING, ReportState.REBOOTING)
+        out = report(rt, offered[:2], ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
         assert steps.finalize(rt, out.finalize_ids) == 2
         assert steps.finalize(rt, out.finalize_ids) == 0
         assert retained.wait(lambda r: not any(du.device_id in r.docs for du in offered[:2]))
         # finalize freed two slots: the two queued devices were offered
-        assert _counts(rt, rollout_id) == {"SUCCEEDED": 2, "OFFERED": 4}
+        assert counts(rt, rollout_id) == {"SUCCEEDED": 2, "OFFERED": 4}
         # close_wave on a wave with open updates does nothing, however often
         with rt.sessions() as session:
             wave_id = session.scalars(select(Wave.id).where(Wave.rollout_id == rollout_id)).one()
@@ -270,21 +134,21 @@ def test_every_step_run_twice_changes_nothing_twice(rt: Runtime, mqtt_broker: An
 # ====================================================================== reconciler
 def test_reconciler_resumes_a_wave_launch_cut_short(rt: Runtime, mqtt_broker: Any) -> None:
     # Given a worker that died right after committing the wave start (nothing admitted, nothing sent)
-    rollout_id, prefix = _rollout(rt, 30, RolloutPolicy(waves=["100%"], max_in_flight=20))
+    rollout_id, prefix = plan_rollout(rt, 30, RolloutPolicy(waves=["100%"], max_in_flight=20))
     with rt.sessions() as session:
         wave = session.scalars(select(Wave).where(Wave.rollout_id == rollout_id)).one()
         waves.start_wave(session, session.get_one(Rollout, rollout_id), wave)
-    assert _counts(rt, rollout_id) == {"QUEUED": 30}
+    assert counts(rt, rollout_id) == {"QUEUED": 30}
     retained = Retained(mqtt_broker, prefix)
     try:
         # When the reconciler runs
         stats = reconciler.reconcile_once(rt)
         # Then it admitted up to the cap and the devices were told
         assert stats.get("admitted") == 20
-        assert _counts(rt, rollout_id) == {"OFFERED": 20, "QUEUED": 10}
+        assert counts(rt, rollout_id) == {"OFFERED": 20, "QUEUED": 10}
         assert retained.wait(lambda r: len(r.docs) == 20)
         # Given offers whose desired documents were lost (worker killed after the commit)
-        offered = _updates(rt, rollout_id, UpdateState.OFFERED)[:5]
+        offered = updates(rt, rollout_id, UpdateState.OFFERED)[:5]
         for du in offered:
             retained.client.publish(f"fleet/v1/devices/{du.device_id}/desired", b"", qos=1, retain=True)
         assert retained.wait(lambda r: len(r.docs) == 15)
@@ -298,7 +162,7 @@ def test_reconciler_resumes_a_wave_launch_cut_short(rt: Runtime, mqtt_broker: An
         # When the reconciler runs: the offer is sent again, once, and repeated later only with backoff
         reconciler.reconcile_once(rt)
         reconciler.reconcile_once(rt)
-        republish = [args[0] for name, args in _queued_messages(rt) if name == "fleet.republish"]
+        republish = [args[0] for name, args in queued_messages(rt) if name == "fleet.republish"]
         assert republish == [[du.id for du in offered]]
         assert steps.republish(rt, republish[0]) == 5
         assert retained.wait(lambda r: len(r.docs) == 20)
@@ -307,10 +171,10 @@ def test_reconciler_resumes_a_wave_launch_cut_short(rt: Runtime, mqtt_broker: An
 
 
 def test_reconciler_keeps_per_stage_deadlines(rt: Runtime) -> None:
-    rollout_id, _ = _rollout(rt, 3, RolloutPolicy(waves=["100%"], max_attempts=2, retry_backoff_s=60))
+    rollout_id, _ = plan_rollout(rt, 3, RolloutPolicy(waves=["100%"], max_attempts=2, retry_backoff_s=60))
     waves.kick(rt, rollout_id)
-    slow, verified, _idle = _updates(rt, rollout_id, UpdateState.OFFERED)
-    _report(rt, [verified], ReportState.VERIFIED)
+    slow, verified, _idle = updates(rt, rollout_id, UpdateState.OFFERED)
+    report(rt, [verified], ReportState.VERIFIED)
     past = utcnow() - timedelta(seconds=1)
     with rt.sessions() as session:
         # the download deadline of both has passed; `verified` since got its install deadline
@@ -323,7 +187,7 @@ def test_reconciler_keeps_per_stage_deadlines(rt: Runtime) -> None:
         session.commit()
     stats = reconciler.reconcile_once(rt)
     assert stats.get("timed_out_retry") == 1
-    rows = {du.id: du for du in _updates(rt, rollout_id)}
+    rows = {du.id: du for du in updates(rt, rollout_id)}
     assert rows[verified.id].state == UpdateState.VERIFIED  # not timed out against the download deadline
     retrying = rows[slow.id]
     assert retrying.state == UpdateState.RETRYING and retrying.error_code == "timeout"
@@ -334,7 +198,7 @@ def test_reconciler_keeps_per_stage_deadlines(rt: Runtime) -> None:
         session.commit()
     stats = reconciler.reconcile_once(rt)
     assert stats.get("requeued") == 1
-    again = next(du for du in _updates(rt, rollout_id) if du.id == slow.id)
+    again = next(du for du in updates(rt, rollout_id) if du.id == slow.id)
     assert again.state == UpdateState.OFFERED and again.attempt == 2
     # the install deadline passing with no attempt left: TIMED_OUT, finalized
     with rt.sessions() as session:
@@ -345,27 +209,27 @@ def test_reconciler_keeps_per_stage_deadlines(rt: Runtime) -> None:
         )
         session.commit()
     reconciler.reconcile_once(rt)
-    rows = {du.id: du for du in _updates(rt, rollout_id)}
+    rows = {du.id: du for du in updates(rt, rollout_id)}
     for du_id in (slow.id, verified.id):
         assert rows[du_id].state == UpdateState.TIMED_OUT and rows[du_id].finalized_at is not None
 
 
 def test_one_broken_rollout_does_not_stop_the_pass(rt: Runtime) -> None:
     # Given two rollouts with an expired offer each, one of them with a policy that no longer parses
-    broken, _ = _rollout(rt, 1, RolloutPolicy(waves=["100%"]))
-    healthy, _ = _rollout(rt, 1, RolloutPolicy(waves=["100%"], max_attempts=1))
+    broken, _ = plan_rollout(rt, 1, RolloutPolicy(waves=["100%"]))
+    healthy, _ = plan_rollout(rt, 1, RolloutPolicy(waves=["100%"], max_attempts=1))
     for rollout_id in (broken, healthy):
         waves.kick(rt, rollout_id)
     with rt.sessions() as session:
         session.execute(update(DeviceUpdate).values(deadline_at=utcnow() - timedelta(seconds=1)))
         session.execute(update(Rollout).where(Rollout.id == broken).values(policy={"waves": "not a list"}))
         session.commit()
-    waves._policies.clear()  # policies are parsed once per process; this one changed under it
+    policy_module._policies.clear()  # policies are parsed once per process; this one changed under it
     # When the reconciler runs
     stats = reconciler.reconcile_once(rt)
     # Then the healthy rollout's update timed out and its wave closed; the broken one is reported
     assert stats.get("timeout_errors") == 1
-    assert _counts(rt, healthy) == {"TIMED_OUT": 1}
+    assert counts(rt, healthy) == {"TIMED_OUT": 1}
     with rt.sessions() as session:
         assert session.scalar(select(Wave.status).where(Wave.rollout_id == healthy)) == WaveState.FAILED
-    assert _counts(rt, broken) == {"OFFERED": 1}
+    assert counts(rt, broken) == {"OFFERED": 1}

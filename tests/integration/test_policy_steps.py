@@ -1,0 +1,252 @@
+"""Rollout policy in the engine's steps, on real SQL, Redis and broker, with a controllable clock.
+
+Maintenance windows, the rate ramp, offline devices, the end time and continuous rollouts, each
+driven step by step (no worker) so the clock can jump to a window or past an end time.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import time_machine
+from sqlalchemy import select, update
+
+from orchestrator.db import session_scope
+from orchestrator.engine import lifetime, reconciler, steps, waves
+from orchestrator.engine.admission import admit
+from orchestrator.engine.runtime import Runtime
+from orchestrator.ingest.inventory import apply_inventory
+from orchestrator.models import Device, DeviceUpdate, Rollout, Wave, utcnow
+from orchestrator.policy import RolloutPolicy, Target
+from orchestrator.portal import rollout_summary
+from orchestrator.protocol import ReportState
+from orchestrator.services.device_service import set_tags
+from orchestrator.services.rollout_planner import create_rollout
+from orchestrator.services.rollout_service import start_rollout
+from orchestrator.state_machines import UpdateState, WaveState
+from tests.factories import add_devices, add_firmware_row
+from tests.integration.engine_kit import Retained, counts, plan_rollout, report, target_version, updates
+
+pytestmark = [pytest.mark.integration]
+
+
+def _set_online(rt: Runtime, device_ids: list[str], online: bool) -> None:
+    with rt.sessions() as session:
+        session.execute(
+            update(Device).where(Device.id.in_(device_ids)).values(online=online, last_seen=utcnow())
+        )
+        session.commit()
+
+
+def _row(rt: Runtime, update_id: int) -> DeviceUpdate:
+    with rt.sessions() as session:
+        return session.get_one(DeviceUpdate, update_id)
+
+
+# ====================================================================== maintenance windows
+def test_install_is_sent_only_inside_a_window_with_room(rt: Runtime, mqtt_broker: Any) -> None:
+    # Given a rollout whose only window opens in an hour, for an hour, and installs that take 10 min
+    now = utcnow()
+    opens, closes = now + timedelta(hours=1), now + timedelta(hours=2)
+    policy = RolloutPolicy(waves=["100%"], install_timeout_s=600, windows=[{"start": opens, "end": closes}])
+    rollout_id, prefix = plan_rollout(rt, 2, policy)
+    retained = Retained(mqtt_broker, prefix)
+    try:
+        waves.kick(rt, rollout_id)
+        first, second = updates(rt, rollout_id, UpdateState.OFFERED)
+        assert retained.wait(lambda r: len(r.docs) == 2)  # devices download any time
+        # When a device has verified its download outside the window
+        report(rt, [first], ReportState.VERIFIED)
+        # Then the install stage is not sent; the update waits for the window, its deadline from there
+        assert steps.install(rt, [first.id]) == 0
+        waiting = _row(rt, first.id)
+        assert waiting.state == UpdateState.VERIFIED
+        assert waiting.redrive_at == opens
+        assert waiting.deadline_at == opens + timedelta(seconds=600)
+        assert retained.docs[first.device_id]["stage"] == "download"
+        # and the reconciler does not time it out meanwhile, nor re-send the install early
+        assert reconciler.reconcile_once(rt).get("timed_out_retry") is None
+        with rt.sessions() as session:
+            summary = rollout_summary(session, rollout_id)
+        assert summary is not None and summary.pacing is not None
+        assert summary.pacing["window_open"] is False and summary.pacing["waiting_for_window"] == 1
+        # When the window has opened
+        with time_machine.travel(opens + timedelta(seconds=1), tick=True):
+            assert steps.install(rt, [first.id]) == 1
+        assert retained.wait(lambda r: r.docs[first.device_id]["stage"] == "install")
+        # And the second verifies so late in the window that its install would not fit
+        report(rt, [second], ReportState.VERIFIED)
+        with time_machine.travel(closes - timedelta(seconds=300), tick=True):
+            assert steps.install(rt, [second.id]) == 0
+            assert steps.republish(rt, [second.id]) == 0  # a re-send never installs outside a window
+        assert retained.docs[second.device_id]["stage"] == "download"
+    finally:
+        retained.close()
+
+
+# ====================================================================== rate ramp
+def test_offers_follow_the_rate_ramp(rt: Runtime) -> None:
+    # Given 20 devices, 3 offers a minute doubling per 3 successes up to 12, and room in flight
+    rate = {"initial_per_minute": 3, "factor": 2, "every_succeeded": 3, "max_per_minute": 12}
+    policy = RolloutPolicy(waves=["100%"], max_in_flight=100, rate=rate)
+    rollout_id, _ = plan_rollout(rt, 20, policy)
+    # When the rollout starts, only the first minute's rate goes out, however often admission runs
+    waves.kick(rt, rollout_id)
+    assert admit(rt, rollout_id) == 0
+    offered = updates(rt, rollout_id, UpdateState.OFFERED)
+    assert len(offered) == 3
+    # When those three succeed, the rate doubles to 6: three more fit in this minute
+    report(rt, offered, ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
+    steps.finalize(rt, [u.id for u in offered])
+    assert counts(rt, rollout_id) == {"SUCCEEDED": 3, "OFFERED": 3, "QUEUED": 14}
+    with rt.sessions() as session:
+        summary = rollout_summary(session, rollout_id)
+    assert summary is not None and summary.pacing is not None
+    assert summary.pacing["rate_per_minute"] == 6 and summary.pacing["offered_last_minute"] == 6
+    # Then a minute later the window has slid and six more go out
+    with time_machine.travel(utcnow() + timedelta(seconds=61), tick=True):
+        assert admit(rt, rollout_id) == 6
+    # and the ramp stops at its maximum
+    later = updates(rt, rollout_id, UpdateState.OFFERED)
+    report(rt, later, ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
+    steps.finalize(rt, [u.id for u in later])
+    with time_machine.travel(utcnow() + timedelta(seconds=122), tick=True):
+        assert admit(rt, rollout_id) == 8  # the 8 left; 12 would have fitted
+    assert counts(rt, rollout_id) == {"SUCCEEDED": 12, "OFFERED": 8}
+
+
+# ====================================================================== offline devices
+def test_an_offline_device_holds_no_slot_and_its_clock_stands_still(rt: Runtime) -> None:
+    # Given three devices, one slot in flight, and the first device offline
+    policy = RolloutPolicy(waves=["100%"], max_in_flight=1, download_timeout_s=60, max_attempts=1)
+    rollout_id, prefix = plan_rollout(rt, 3, policy)
+    away = f"{prefix}00000"
+    _set_online(rt, [away], False)
+    # When the rollout starts, the slot goes to an online device
+    waves.kick(rt, rollout_id)
+    (offered,) = updates(rt, rollout_id, UpdateState.OFFERED)
+    assert offered.device_id != away
+    with rt.sessions() as session:
+        summary = rollout_summary(session, rollout_id)
+    assert summary is not None and summary.pacing is not None and summary.pacing["waiting_offline"] == 1
+    # When the offered device goes offline and its deadline passes while it is away
+    _set_online(rt, [offered.device_id], False)
+    with rt.sessions() as session:
+        session.execute(
+            update(DeviceUpdate)
+            .where(DeviceUpdate.id == offered.id)
+            .values(deadline_at=utcnow() - timedelta(seconds=1))
+        )
+        session.execute(
+            update(Device)
+            .where(Device.id == offered.device_id)
+            .values(last_seen=utcnow() - timedelta(seconds=100))
+        )
+        session.commit()
+    # Then the reconciler does not time it out: it could not act
+    reconciler.reconcile_once(rt)
+    assert _row(rt, offered.id).state == UpdateState.OFFERED
+    # When it comes back, its deadline moves out by as long as it was away
+    with session_scope(rt.settings.database_url) as session:
+        apply_inventory(session, {}, {offered.device_id: True})
+    assert _row(rt, offered.id).deadline_at > utcnow() + timedelta(seconds=90)  # type: ignore[operator]
+    # When it succeeds and the offline device comes online, that one is offered next
+    report(rt, [offered], ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
+    steps.finalize(rt, [offered.id])
+    (second,) = updates(rt, rollout_id, UpdateState.OFFERED)
+    assert second.device_id != away
+    report(rt, [second], ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
+    steps.finalize(rt, [second.id])
+    assert counts(rt, rollout_id) == {"SUCCEEDED": 2, "QUEUED": 1}
+    with session_scope(rt.settings.database_url) as session:
+        apply_inventory(session, {}, {away: True})
+    reconciler.reconcile_once(rt)
+    (last,) = updates(rt, rollout_id, UpdateState.OFFERED)
+    assert last.device_id == away
+
+
+# ====================================================================== end time
+def test_at_the_end_time_what_was_not_offered_is_skipped_and_the_rollout_completes(rt: Runtime) -> None:
+    # Given four devices, one slot, an end time in an hour, and the last device offline
+    end = utcnow() + timedelta(hours=1)
+    policy = RolloutPolicy(
+        waves=["100%"], max_in_flight=1, end_at=end, failure_threshold_count=1, download_timeout_s=7200
+    )
+    rollout_id, prefix = plan_rollout(rt, 4, policy)
+    _set_online(rt, [f"{prefix}00003"], False)
+    waves.kick(rt, rollout_id)
+    (started,) = updates(rt, rollout_id, UpdateState.OFFERED)
+    # When the end time passes with one device started and the rest never offered
+    with time_machine.travel(end + timedelta(seconds=1), tick=True):
+        stats = reconciler.reconcile_once(rt)
+        assert stats.get("skipped_at_end") == 3
+        # Then no offer goes out any more, the started device goes on, and the skips name their reason
+        assert admit(rt, rollout_id) == 0
+        rows = {u.device_id: u for u in updates(rt, rollout_id)}
+        assert rows[f"{prefix}00003"].error_code == "offline"
+        skipped = [u for u in rows.values() if u.state == UpdateState.SKIPPED]
+        assert sorted(u.error_code or "" for u in skipped) == ["offline", "window_closed", "window_closed"]
+        assert rows[started.device_id].state == UpdateState.OFFERED
+        # When the started device finishes, the rollout completes: skips count against nothing
+        report(rt, [started], ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
+        steps.finalize(rt, [started.id])
+    with rt.sessions() as session:
+        rollout = session.get_one(Rollout, rollout_id)
+        assert str(rollout.status) == "COMPLETED"
+        summary = rollout_summary(session, rollout_id)
+    assert summary is not None and summary.skipped == {"offline": 1, "window_closed": 2}
+
+
+# ====================================================================== continuous
+def test_a_continuous_rollout_takes_in_matching_devices_until_its_end(rt: Runtime) -> None:
+    # Given two tagged devices and a continuous rollout for the tag, ending in an hour
+    end = utcnow() + timedelta(hours=1)
+    with session_scope(rt.settings.database_url) as session:
+        ids = add_devices(session, 2, prefix="cont-a-")
+        set_tags(session, ids, add=["pilot"])
+        firmware = add_firmware_row(session, version="7.0.0")
+        rollout = create_rollout(
+            session,
+            name="continuous",
+            firmware_id=firmware.id,
+            target=Target(model="sensor-v2", tags=["pilot"]),
+            policy=RolloutPolicy(waves=["100%"], continuous=True, end_at=end),
+        )
+        session.commit()
+        start_rollout(session, rollout.id, actor="test", send=False)
+        rollout_id = rollout.id
+    waves.kick(rt, rollout_id)
+    first = updates(rt, rollout_id, UpdateState.OFFERED)
+    report(rt, first, ReportState.SUCCEEDED, version="7.0.0")
+    steps.finalize(rt, [u.id for u in first])
+    # Then with every device done the last wave stays open and the rollout keeps running
+    with rt.sessions() as session:
+        (wave,) = session.scalars(select(Wave).where(Wave.rollout_id == rollout_id))
+        assert wave.status == WaveState.RUNNING
+        assert str(session.get_one(Rollout, rollout_id).status) == "RUNNING"
+    # When new devices register: one tagged, one not, one tagged but already on the version
+    with session_scope(rt.settings.database_url) as session:
+        (fresh,) = add_devices(session, 1, prefix="cont-b-")
+        add_devices(session, 1, prefix="cont-c-")
+        (current,) = add_devices(session, 1, prefix="cont-d-", version="7.0.0")
+        set_tags(session, [fresh, current], add=["pilot"])
+    # Then only the one that can update joins the last wave and is offered
+    assert lifetime.join_new_devices(rt, rollout_id) == 1
+    assert lifetime.join_new_devices(rt, rollout_id) == 0
+    (joined,) = updates(rt, rollout_id, UpdateState.OFFERED)
+    assert joined.device_id == fresh
+    report(rt, [joined], ReportState.SUCCEEDED, version="7.0.0")
+    steps.finalize(rt, [joined.id])
+    # When the end time passes, nothing joins any more and the rollout completes
+    with time_machine.travel(end + timedelta(seconds=1), tick=True):
+        with session_scope(rt.settings.database_url) as session:
+            (late,) = add_devices(session, 1, prefix="cont-e-")
+            set_tags(session, [late], add=["pilot"])
+        assert lifetime.join_new_devices(rt, rollout_id) == 0
+        reconciler.reconcile_once(rt)
+    with rt.sessions() as session:
+        assert str(session.get_one(Rollout, rollout_id).status) == "COMPLETED"
+        assert session.get_one(Rollout, rollout_id).total == 3
+    assert counts(rt, rollout_id) == {"SUCCEEDED": 3}
