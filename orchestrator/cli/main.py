@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.api.token_cli import token_app
-from orchestrator.cli import broker_cmd, demo_cmd, rollout_cmds, up_cmd
+from orchestrator.cli import broker_cmd, demo_cmd, inventory_cmds, rollout_cmds, up_cmd
 from orchestrator.cli.ca_cmd import ca_app
 from orchestrator.config import get_settings
 from orchestrator.errors import FleetError
@@ -19,7 +19,8 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(rollout_cmds.firmware_app, name="firmware")
 app.add_typer(rollout_cmds.rollout_app, name="rollout")
-app.add_typer(rollout_cmds.devices_app, name="devices")
+app.add_typer(inventory_cmds.devices_app, name="devices")
+app.add_typer(inventory_cmds.group_app, name="group")
 app.command("demo")(demo_cmd.demo)
 app.command("up")(up_cmd.up)
 app.command("broker-users")(broker_cmd.broker_users)

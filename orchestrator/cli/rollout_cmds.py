@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from orchestrator.cli import policy_options
 from orchestrator.cli.api_client import ApiClient, ApiError
 from orchestrator.cli.watch import WatchError, watch_rollout_portal
 from orchestrator.config import get_settings
@@ -37,7 +37,6 @@ from orchestrator.portal import rollout_summary
 
 firmware_app = typer.Typer(help="Firmware images.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
-devices_app = typer.Typer(help="Device inventory.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
@@ -58,7 +57,7 @@ Token = Annotated[
 
 
 @contextmanager
-def _client(api_url: str | None, token: str | None) -> Iterator[ApiClient]:
+def connect(api_url: str | None, token: str | None) -> Iterator[ApiClient]:
     """An API client; an :class:`ApiError` inside the block is printed and exits with status 1."""
     try:
         with ApiClient.from_settings(get_settings(), api_url=api_url, token=token) as client:
@@ -68,7 +67,7 @@ def _client(api_url: str | None, token: str | None) -> Iterator[ApiClient]:
         raise typer.Exit(1) from exc
 
 
-def _fail(message: str) -> typer.Exit:
+def fail(message: str) -> typer.Exit:
     err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
@@ -77,7 +76,7 @@ def _short(sha: str) -> str:
     return sha[:16] + "…"
 
 
-def _when(value: Any) -> str:
+def short_time(value: Any) -> str:
     return str(value)[:19].replace("T", " ") if value else "-"
 
 
@@ -94,7 +93,7 @@ def firmware_add(
     """Upload a firmware image (stored content-addressed, signed)."""
     size = file.stat().st_size
     with (
-        _client(api_url, token) as client,
+        connect(api_url, token) as client,
         Progress(
             TextColumn("uploading {task.description}"),
             BarColumn(),
@@ -129,7 +128,7 @@ def firmware_list(
 ) -> None:
     """Firmware images in upload order."""
     params = {"model": model} if model else {}
-    with _client(api_url, token) as client:
+    with connect(api_url, token) as client:
         table = Table("id", "model", "version", "size", "sha256", "uploaded")
         for fw in client.pages("/v1/firmware", params, limit):
             table.add_row(
@@ -138,18 +137,18 @@ def firmware_list(
                 fw["version"],
                 str(fw["size"]),
                 _short(fw["sha256"]),
-                _when(fw["created_at"]),
+                short_time(fw["created_at"]),
             )
     console.print(table)
 
 
 # ---------------------------------------------------------------- rollouts
-def _labels(items: list[str]) -> dict[str, str]:
+def parse_labels(items: list[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _fail(f"--label {item!r}: write it as key=value, e.g. --label site=berlin")
+            raise fail(f"--label {item!r}: write it as key=value, e.g. --label site=berlin")
         labels[key] = value
     return labels
 
@@ -159,14 +158,29 @@ def rollout_create(
     firmware_id: int = typer.Option(..., "--firmware", "-f", help="firmware id (see `fleet firmware list`)"),
     name: str = typer.Option(None, help="default: '<model> <version>'"),
     model: str = typer.Option(None, help="target every device of this model"),
-    label: list[str] = typer.Option([], help="k=v label filter with --model (repeat)"),
+    group: str = typer.Option(None, help="target a saved group (see `fleet group list`)"),
     device: list[str] = typer.Option([], help="explicit device id (repeat)"),
+    label: list[str] = typer.Option([], help="k=v label filter with --model or --group (repeat)"),
+    tag: list[str] = typer.Option([], help="operator tag filter with --model or --group (repeat)"),
+    versions: str = typer.Option(None, help="running versions that qualify, e.g. '>=1.0,<1.1'"),
     waves: str = typer.Option("1%,10%,100%", help="comma-separated cumulative percents or device counts"),
     success_threshold: float = typer.Option(0.95, help="share of a wave's finished devices to succeed"),
     failure_threshold_percent: float = typer.Option(None, help="halt when this % of finished devices failed"),
     failure_threshold_count: int = typer.Option(None, help="halt after this many failed devices"),
     max_in_flight: int = typer.Option(1000),
     max_attempts: int = typer.Option(2),
+    window: list[str] = typer.Option(
+        [], help="install only inside: 'CRON;DURATION[;ZONE]' or 'START..END' (repeat)"
+    ),
+    rate: int = typer.Option(None, help="offers per minute to start with"),
+    rate_factor: float = typer.Option(2.0, help="multiply the rate by this on each ramp step"),
+    rate_every_succeeded: int = typer.Option(None, help="ramp step after this many more successes"),
+    rate_max: int = typer.Option(None, help="highest rate (offers per minute)"),
+    end_at: str = typer.Option(None, help="ISO time: no offer after it; devices not reached are skipped"),
+    continuous: bool = typer.Option(
+        False, "--continuous", help="devices matching later join, until --end-at"
+    ),
+    policy_file: Path = typer.Option(None, help="JSON policy; the options above override its fields"),
     start_at: str = typer.Option(None, help="ISO time with zone to start at, e.g. 2030-01-01T02:00:00+00:00"),
     supersede: bool = typer.Option(
         False,
@@ -177,18 +191,38 @@ def rollout_create(
     token: Token = None,
 ) -> None:
     """Plan a rollout; it starts at once, or at --start-at."""
-    if bool(model) == bool(device):
-        raise _fail("give either --model (optionally with --label k=v) or one or more --device ID")
-    if label and not model:
-        raise _fail("--label filters devices of --model; add --model")
-    target: dict[str, Any] = {"model": model, "labels": _labels(label)} if model else {"device_ids": device}
+    if sum(map(bool, (model, group, device))) != 1:
+        raise fail("give one of --model, --group or --device ID (repeat) to say which devices to update")
+    if (label or tag) and device:
+        raise fail("--label and --tag filter --model or --group; they do not apply to --device")
+    target: dict[str, Any] = (
+        {"device_ids": device} if device else {"model": model} if model else {"group": group}
+    )
+    if label:
+        target["labels"] = parse_labels(label)
+    if tag:
+        target["tags"] = tag
+    if versions:
+        target["versions"] = versions
     specs: list[str | int] = [int(w) if w.strip().isdigit() else w.strip() for w in waves.split(",")]
-    policy: dict[str, Any] = {
-        "waves": specs,
-        "success_threshold": success_threshold,
-        "max_in_flight": max_in_flight,
-        "max_attempts": max_attempts,
-    }
+    try:
+        policy = policy_options.policy_file(policy_file)
+        policy.update(
+            waves=specs,
+            success_threshold=success_threshold,
+            max_in_flight=max_in_flight,
+            max_attempts=max_attempts,
+        )
+        policy.update(policy_options.rate(rate, rate_factor, rate_every_succeeded, rate_max))
+        if window:
+            policy["windows"] = [policy_options.window(w) for w in window]
+        if end_at:
+            policy["end_at"] = policy_options.aware_time(end_at, "--end-at")
+        if continuous:
+            policy["continuous"] = True
+        start = policy_options.aware_time(start_at, "--start-at") if start_at else None
+    except policy_options.OptionError as exc:
+        raise fail(str(exc)) from None
     if failure_threshold_percent is not None:
         policy["failure_threshold_percent"] = failure_threshold_percent
     if failure_threshold_count is not None:
@@ -196,15 +230,9 @@ def rollout_create(
     body: dict[str, Any] = {"firmware_id": firmware_id, "target": target, "policy": policy}
     if supersede:
         body["supersede"] = True
-    if start_at:
-        try:
-            when = datetime.fromisoformat(start_at)
-        except ValueError as exc:
-            raise _fail(f"--start-at {start_at!r} is not an ISO time like 2030-01-01T02:00:00+00:00") from exc
-        if when.tzinfo is None:
-            raise _fail("--start-at needs a time zone, e.g. 2030-01-01T02:00:00+00:00 or ...Z")
-        body["start_at"] = when.isoformat()
-    with _client(api_url, token) as client:
+    if start:
+        body["start_at"] = start
+    with connect(api_url, token) as client:
         if name is None:
             fw = client.firmware(firmware_id)
             name = f"{fw['model']} {fw['version']}"
@@ -226,7 +254,7 @@ def rollout_list(
 ) -> None:
     """Rollouts, newest first."""
     params = {"status": status.upper()} if status else {}
-    with _client(api_url, token) as client:
+    with connect(api_url, token) as client:
         table = Table("id", "name", "status", "devices", "created", "finished")
         for r in client.pages("/v1/rollouts", params, limit):
             table.add_row(
@@ -234,8 +262,8 @@ def rollout_list(
                 r["name"],
                 r["status"],
                 str(r["total"]),
-                _when(r["created_at"]),
-                _when(r["finished_at"]),
+                short_time(r["created_at"]),
+                short_time(r["finished_at"]),
             )
     console.print(table)
 
@@ -248,7 +276,7 @@ def rollout_status(
     token: Token = None,
 ) -> None:
     """Status, per-wave progress and counts per state."""
-    with _client(api_url, token) as client:
+    with connect(api_url, token) as client:
         detail = client.rollout(rollout_id)
     if as_json:
         typer.echo(json.dumps(detail, indent=2))
@@ -270,10 +298,40 @@ def rollout_status(
     for state, count in sorted(detail["counts"].items(), key=lambda kv: -kv[1]):
         counts.add_row(state, str(count))
     console.print(counts)
+    if detail.get("skipped"):
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(detail["skipped"].items()))
+        console.print(f"skipped: {reasons}", highlight=False)
+    for line in pacing_lines(detail.get("pacing")):
+        console.print(line, highlight=False)
+
+
+def pacing_lines(pacing: dict[str, Any] | None) -> list[str]:
+    """What holds the rollout back, in words (rate, window, offline devices, end time)."""
+    if not pacing:
+        return []
+    lines: list[str] = []
+    if pacing.get("rate_per_minute") is not None:
+        rate, recent = pacing["rate_per_minute"], pacing["offered_last_minute"]
+        lines.append(f"rate: {rate} offers/min now, {recent} in the last minute")
+    if pacing.get("window_open") is not None:
+        if pacing["window_open"]:
+            lines.append(f"window: open until {short_time(pacing.get('window_closes_at'))}")
+        else:
+            lines.append(f"window: closed, next opens {short_time(pacing.get('next_window_at'))}")
+        if pacing.get("waiting_for_window"):
+            lines.append(f"waiting for the window to install: {pacing['waiting_for_window']}")
+    if pacing.get("waiting_offline"):
+        lines.append(f"waiting for offline devices: {pacing['waiting_offline']}")
+    if pacing.get("end_at"):
+        kind = "continuous until" if pacing.get("continuous") else "ends"
+        lines.append(f"{kind} {short_time(pacing['end_at'])}")
+    elif pacing.get("continuous"):
+        lines.append("continuous: devices that match later join it")
+    return lines
 
 
 def _action(name: str, rollout_id: int, api_url: str | None, token: str | None) -> None:
-    with _client(api_url, token) as client:
+    with connect(api_url, token) as client:
         rollout = client.rollout_action(rollout_id, name)
     console.print(f"rollout {rollout_id} is now [bold]{rollout['status']}[/]", highlight=False)
 
@@ -323,7 +381,7 @@ def rollout_watch(
             console=console,
         )
     except WatchError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     if status in ("HALTED", "ABORTED"):
         raise typer.Exit(1)
 
@@ -363,38 +421,3 @@ def watch_rollout(
             if timeout is not None and time.monotonic() - started > timeout:
                 return summary.status
             time.sleep(interval)
-
-
-# ---------------------------------------------------------------- devices
-@devices_app.command("list")
-def devices_list(
-    model: str = typer.Option(None, help="only devices of this model"),
-    version: str = typer.Option(None, help="only devices running this version"),
-    label: list[str] = typer.Option([], help="key:value label filter (repeat)"),
-    limit: int = typer.Option(50, min=1),
-    api_url: ApiUrl = None,
-    token: Token = None,
-) -> None:
-    """Devices ordered by id."""
-    params: dict[str, Any] = {"label": label} if label else {}
-    if model:
-        params["model"] = model
-    if version:
-        params["version"] = version
-    shown = 0
-    with _client(api_url, token) as client:
-        table = Table("id", "model", "version", "online", "labels", "last seen")
-        for d in client.pages("/v1/devices", params, limit):
-            labels = ",".join(f"{k}:{v}" for k, v in sorted(d["labels"].items()))
-            table.add_row(
-                d["id"],
-                d["model"],
-                d["firmware_version"],
-                "yes" if d["online"] else "no",
-                labels,
-                _when(d["last_seen"]),
-            )
-            shown += 1
-    console.print(table)
-    more = " (raise --limit for more)" if shown == limit else ""
-    console.print(f"{shown} devices shown{more}", highlight=False)

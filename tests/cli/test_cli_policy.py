@@ -1,0 +1,95 @@
+"""The policy through the CLI against a real API: tags, groups, windows, rate, end time, the firmware
+lifecycle; mistakes are refused with what to write instead."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.db import session_scope
+from orchestrator.services.firmware_service import add_firmware
+from orchestrator.services.token_service import Role
+from tests.api.conftest import sample
+from tests.cli.conftest import ApiOnly, make_token, run_cli
+from tests.cli.test_cli_errors import assert_failed
+from tests.factories import add_devices
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api_only: ApiOnly, tmp_path: Path) -> None:
+    url, token = api_only.url, make_token(api_only.database_url, Role.OPERATOR)
+
+    def cli(*args: str) -> str:
+        result = run_cli(*args, api_url=url, token=token, cwd=tmp_path)
+        assert result.returncode == 0, result.output
+        return result.stdout
+
+    # Given six devices, a firmware image, and three of the devices tagged by the operator
+    fw = sample()
+    with session_scope(api_only.database_url) as session:
+        ids = add_devices(session, 6)
+        settings = Settings(database_url=api_only.database_url, firmware_dir=tmp_path / "fw")
+        with fw.path.open("rb") as stream:
+            firmware_id = add_firmware(
+                session, settings, stream, model=fw.model, version=fw.version, signature=fw.signature
+            ).id
+    assert "tags changed on 3 device(s)" in cli("devices", "tag", *ids[:3], "--add", "pilot")
+    assert ids[0] in cli("devices", "list", "--tag", "pilot") and ids[4] not in cli(
+        "devices", "list", "--tag", "pilot"
+    )
+    # When a group selects them and a rollout targets it, with a window, a rate and an end time
+    assert "selects 3 device(s)" in cli("group", "create", "pilots", "--model", "sensor-v2", "--tag", "pilot")
+    assert "pilots" in cli("group", "list")
+    created = cli(
+        *("rollout", "create", "--firmware", str(firmware_id), "--group", "pilots"),
+        *("--window", "0 2 * * mon-fri;2h;Europe/Berlin", "--rate", "5", "--rate-every-succeeded", "10"),
+        *("--end-at", "2031-01-01T00:00:00Z", "--versions", ">=1.0"),
+    )
+    assert "3 devices" in created
+    # Then the rollout's status says what paces it
+    rollout_id = created.split()[1]
+    status = cli("rollout", "status", rollout_id)
+    assert "rate: 5 offers/min now" in status and "window:" in status and "ends 2031-01-01" in status
+    detail = json.loads(cli("rollout", "status", rollout_id, "--json"))
+    assert detail["policy"]["windows"][0] == {
+        "cron": "0 2 * * mon-fri",
+        "duration_s": 7200.0,
+        "timezone": "Europe/Berlin",
+        "start": None,
+        "end": None,
+    }
+    # And the image in use can be deprecated but not deleted
+    assert "deprecated" in cli("firmware", "deprecate", str(firmware_id))
+    assert_failed(
+        run_cli("firmware", "delete", str(firmware_id), api_url=url, token=token, cwd=tmp_path),
+        "deprecate it",
+    )
+    assert_failed(
+        run_cli(
+            *("rollout", "create", "--firmware", str(firmware_id), "--group", "pilots"),
+            api_url=url,
+            token=token,
+            cwd=tmp_path,
+        ),
+        "deprecated",
+    )
+
+
+def test_policy_option_mistakes_say_how_to_write_them(api_only: ApiOnly, tmp_path: Path) -> None:
+    url, token = api_only.url, make_token(api_only.database_url, Role.OPERATOR)
+    base = ("rollout", "create", "--firmware", "1", "--name", "x", "--model", "sensor-v2")
+
+    def refused(*args: str, needle: str) -> None:
+        assert_failed(run_cli(*base, *args, api_url=url, token=token, cwd=tmp_path), needle)
+
+    refused("--window", "0 2 * * *", needle="CRON;DURATION")
+    refused("--window", "0 2 * * *;soon", needle="15m")
+    refused("--end-at", "2031-01-01T00:00:00", needle="time zone")
+    refused("--rate-max", "100", needle="--rate N")
+    refused("--window", "0 2 * * *;1h;Mars/Olympus", needle="Mars/Olympus")  # the server's message
+    refused("--group", "g", needle="one of --model, --group or --device")
+    assert_failed(run_cli("devices", "tag", "dev-1", api_url=url, token=token, cwd=tmp_path), "--add TAG")
