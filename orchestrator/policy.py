@@ -126,6 +126,18 @@ class RolloutPolicy(BaseModel):
         False, description="stay open: devices that match the target later join the last wave until end_at"
     )
 
+    @model_validator(mode="after")
+    def _installs_fit_a_window(self) -> RolloutPolicy:
+        if self.windows:
+            longest = max(spec.duration.total_seconds() for spec in self.window_specs)
+            if longest < self.install_timeout_s:
+                raise ValueError(
+                    f"windows: the longest window ({longest:.0f} s) is shorter than install_timeout_s "
+                    f"({self.install_timeout_s:.0f} s), so no install would ever fit; lengthen a window "
+                    "or lower install_timeout_s"
+                )
+        return self
+
     @field_validator("waves")
     @classmethod
     def _check_waves(cls, waves: list[str | int]) -> list[str | int]:

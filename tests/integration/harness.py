@@ -114,12 +114,13 @@ class Harness:
         params: dict[str, str] | None = None,
         fail_rates: dict[str, float] | None = None,
         seed: int = 7,
+        version: str = "1.0.0",
     ) -> subprocess.Popen[str]:
         config = FleetConfig(
             broker_url=self.broker_url,
             devices=devices,
             model="sensor-v2",
-            version="1.0.0",
+            version=version,
             profile=profile,
             id_prefix=prefix,
             seed=seed,

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from orchestrator.db import session_scope
+from orchestrator.policy import DeviceFilter
+from orchestrator.services.device_service import set_tags
+from orchestrator.services.group_service import create_group
 from tests.integration.harness import QUICK_REAL, Harness
 from tests.portal.conftest import make_token
 
@@ -153,5 +158,65 @@ def test_rollout_from_the_portal_end_to_end(portal_harness: Harness, browser: An
     page.wait_for_selector(f"#rollout-table a[href='#/rollouts/{rollout_id}']")
     page.screenshot(path=str(artifacts / "rollouts-1280x800.png"))
     phone.close()
+    context.close()
+    assert console_errors == []
+
+
+def test_portal_sets_and_shows_a_window_a_rate_and_skip_reasons(
+    portal_harness: Harness, browser: Any, artifacts: Path
+) -> None:
+    # Given tagged devices on two versions, a saved group of them, and a signed-in operator
+    h = portal_harness
+    h.start_fleet(4, prefix="pace-a-", params=QUICK_REAL)
+    h.start_fleet(2, prefix="pace-b-", params=QUICK_REAL, version="0.9.0", seed=9)
+    with session_scope(h.database_url) as session:
+        set_tags(
+            session, [f"pace-{k}-{i:05d}" for k, n in (("a", 4), ("b", 2)) for i in range(n)], add=["pilot"]
+        )
+        create_group(session, name="pilots", filter=DeviceFilter(model="sensor-v2", tags=["pilot"]))
+    firmware_id = h.add_sample_firmware()
+    secret = make_token(h.database_url, "operator")
+    base = h.stack.api_url
+    console_errors: list[str] = []
+    context = browser.new_context(viewport=DESKTOP)
+    context.add_init_script(f"localStorage.setItem('fleet.portal.token', {secret!r})")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+
+    # When the operator targets the group, running >=1.0 only, with a window opening in 10 s and a rate
+    opens = datetime.now(UTC) + timedelta(seconds=10)
+    closes = opens + timedelta(minutes=20)  # room for the default 15-minute install timeout
+    page.goto(f"{base}/#/rollouts/new")
+    page.wait_for_selector("#rollout-form")
+    page.fill("#name", "paced")
+    page.select_option("#firmware_id", str(firmware_id))
+    page.check("#mode_group")
+    page.select_option("#target_group", "pilots")
+    page.fill("#target_versions", ">=1.0")
+    page.fill("#waves", "100%")
+    page.fill("#windows", f"{opens.isoformat()}..{closes.isoformat()}")
+    page.fill("#rate", "30")
+    page.screenshot(path=str(artifacts / "new-rollout-paced-1280x800.png"), full_page=True)
+    page.click("#create-rollout")
+    page.wait_for_url(re.compile(r".*#/rollouts/\d+$"))
+    rollout_id = int(page.url.rsplit("/", 1)[1])
+
+    # Then the page shows the rate, the closed window with devices waiting, and why two were skipped
+    page.wait_for_selector("#rollout-summary[data-source=mqtt]")
+    assert "30 offers/min" in page.locator("#rollout-rate").inner_text()
+    assert "2 incompatible" in page.locator("#rollout-skipped").inner_text()
+    page.wait_for_function(
+        "(document.querySelector('#rollout-window')?.textContent || '').includes('waiting to install')"
+    )
+    assert "closed" in page.locator("#rollout-window").inner_text()
+    assert h.wait(lambda: h.counts(rollout_id).get("VERIFIED") == 4, 10)
+    page.screenshot(path=str(artifacts / "rollout-waiting-for-window-1280x800.png"), full_page=True)
+    # and once the window opens, the devices install and the rollout completes
+    page.wait_for_selector("#rollout-status[data-status=COMPLETED]", timeout=60_000)
+    assert h.counts(rollout_id) == {"SUCCEEDED": 4, "SKIPPED": 2}
+    assert "2 incompatible" in page.locator("#rollout-skipped").inner_text()
+    assert page.locator("#rollout-windows").inner_text().count(" to ") == 1  # one interval: start to end
     context.close()
     assert console_errors == []

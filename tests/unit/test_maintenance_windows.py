@@ -108,3 +108,9 @@ def test_the_rate_ramps_by_successes_or_by_time_up_to_its_maximum() -> None:
         RateRamp(initial_per_minute=1, every_s=60, every_succeeded=3)
     with pytest.raises(ValidationError, match="at least initial"):
         RateRamp(initial_per_minute=10, max_per_minute=5)
+
+
+def test_windows_too_short_for_any_install_are_refused() -> None:
+    with pytest.raises(ValidationError, match="no install would ever fit"):
+        RolloutPolicy(windows=[{"cron": "0 2 * * *", "duration_s": 600}])  # type: ignore[list-item]
+    RolloutPolicy(windows=[{"cron": "0 2 * * *", "duration_s": 600}], install_timeout_s=300)  # type: ignore[list-item]

@@ -64,9 +64,49 @@
 
   function targetText(target) {
     if (!target) return "—";
-    if (target.device_ids) return `${target.device_ids.length} listed devices`;
+    const parts = [];
+    if (target.device_ids) parts.push(`${target.device_ids.length} listed devices`);
+    if (target.group) parts.push(`group ${target.group}`);
+    if (target.model) parts.push(`model ${target.model}`);
     const labels = Object.entries(target.labels || {}).map(([k, v]) => `${k}:${v}`);
-    return labels.length ? `model ${target.model}, labels ${labels.join(", ")}` : `model ${target.model}`;
+    if (labels.length) parts.push(`labels ${labels.join(", ")}`);
+    if ((target.tags || []).length) parts.push(`tags ${target.tags.join(", ")}`);
+    if (target.versions) parts.push(`versions ${target.versions}`);
+    return parts.join(", ") || "all devices";
+  }
+
+  function windowText(w) {
+    if (w.cron) return `${w.cron} for ${fmtEta(w.duration_s)} (${w.timezone || "UTC"})`;
+    return `${fmtTime(w.start)} to ${fmtTime(w.end)}`;
+  }
+
+  // What holds a running rollout back: rate, window, offline devices, end time (orchestrator/pacing.py).
+  function pacingNodes(pacing, skipped, policy) {
+    const rows = [];
+    const kv = (id, label, value) => rows.push(h("span", {}, label), h("span", { id }, value));
+    if (pacing && pacing.rate_per_minute != null) {
+      kv("rollout-rate", "Rate", `${pacing.rate_per_minute} offers/min now · ${pacing.offered_last_minute} in the last minute`);
+    }
+    if (pacing && pacing.window_open != null) {
+      const text = pacing.window_open
+        ? `open until ${fmtTime(pacing.window_closes_at)}`
+        : `closed · next opens ${fmtTime(pacing.next_window_at)}`;
+      const waiting = pacing.waiting_for_window ? ` · ${pacing.waiting_for_window} verified, waiting to install` : "";
+      kv("rollout-window", "Window", text + waiting);
+    }
+    if (policy && (policy.windows || []).length) {
+      kv("rollout-windows", "Windows", policy.windows.map(windowText).join("; "));
+    }
+    if (pacing && pacing.waiting_offline) kv("rollout-offline", "Offline", `${pacing.waiting_offline} devices wait to come online`);
+    if (pacing && (pacing.end_at || pacing.continuous)) {
+      const kind = pacing.continuous ? "Continuous" : "Ends";
+      kv("rollout-end", kind, pacing.end_at ? `until ${fmtTime(pacing.end_at)}` : "new matching devices join");
+    }
+    const reasons = Object.entries(skipped || {});
+    if (reasons.length) {
+      kv("rollout-skipped", "Skipped", reasons.map(([reason, n]) => `${n} ${reason.replaceAll("_", " ")}`).join(" · "));
+    }
+    return rows.length ? h("div", { class: "kv", id: "rollout-pacing", style: "margin-top:1rem" }, rows) : null;
   }
 
   function fmtPercent(value) {
@@ -362,8 +402,24 @@
     return waves;
   }
 
+  function parseWindow(line) {
+    if (line.includes("..") && !line.includes(";")) {
+      const [start, end] = line.split("..").map((t) => t.trim());
+      return { start, end };
+    }
+    const [cron, duration, zone] = line.split(";").map((t) => t.trim());
+    const match = /^(\d+(?:\.\d+)?)\s*([smhd]?)$/.exec(duration || "");
+    if (!cron || !match) throw new Error(`window "${line}": write CRON;DURATION;ZONE, e.g. 0 2 * * mon-fri;2h;UTC`);
+    const unit = { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[match[2]];
+    const spec = { cron, duration_s: Number(match[1]) * unit };
+    if (zone) spec.timezone = zone;
+    return spec;
+  }
+
   async function newRolloutView() {
-    const { items: firmware } = await allPages("/v1/firmware?limit=1000", 10);
+    const { items: all } = await allPages("/v1/firmware?limit=1000", 10);
+    const firmware = all.filter((fw) => !fw.deprecated_at);  // a deprecated image takes no new rollout
+    const groups = await api("/v1/groups");
     const field = (label, input, hint) => h("label", {}, label, input, hint ? h("small", {}, hint) : null);
     const fwSelect = h("select", { name: "firmware_id", id: "firmware_id", required: true },
       firmware.map((fw) => h("option", { value: fw.id }, `${fw.model} ${fw.version} (#${fw.id})`)));
@@ -381,17 +437,34 @@
       type: "number", min: 0, max: 100, step: "any" });
     const inFlight = h("input", { name: "max_in_flight", id: "max_in_flight", type: "number", min: 1,
       step: 1, value: 1000, required: true });
+    const tags = h("input", { name: "tags", id: "target_tags", placeholder: "pilot, berlin" });
+    const versions = h("input", { name: "versions", id: "target_versions", placeholder: ">=1.0,<1.1" });
+    const groupSelect = h("select", { name: "group", id: "target_group" },
+      groups.map((g) => h("option", { value: g.name }, `${g.name} (${g.devices} devices)`)));
+    const windows = h("textarea", { name: "windows", id: "windows", rows: 2,
+      placeholder: "0 2 * * mon-fri;2h;Europe/Berlin" });
+    const endAt = h("input", { name: "end_at", id: "end_at", type: "datetime-local" });
+    const continuous = h("input", { name: "continuous", id: "continuous", type: "checkbox" });
+    const rate = h("input", { name: "rate", id: "rate", type: "number", min: 1, step: 1 });
+    const rateFactor = h("input", { name: "rate_factor", id: "rate_factor", type: "number", min: 1, max: 10,
+      step: "any", value: 2 });
+    const rateEvery = h("input", { name: "rate_every", id: "rate_every", type: "number", min: 1, step: 1 });
+    const rateMax = h("input", { name: "rate_max", id: "rate_max", type: "number", min: 1, step: 1 });
     const modeModel = h("input", { type: "radio", name: "mode", value: "model", checked: true, id: "mode_model" });
+    const modeGroup = h("input", { type: "radio", name: "mode", value: "group", id: "mode_group",
+      disabled: !groups.length });
     const modeIds = h("input", { type: "radio", name: "mode", value: "ids", id: "mode_ids" });
     const byModel = h("div", { class: "form-grid" },
-      field("Model", model), field("Labels", labels, "all must match; key:value, comma separated"));
+      field("Model", model), field("Labels", labels, "all must match; key:value, comma separated"),
+      field("Tags", tags, "operator tags, all must match"));
+    const byGroup = h("div", {}, field("Group", groupSelect, "a saved filter (POST /v1/groups)"));
     const byIds = h("div", {}, field("Device IDs", deviceIds, "separated by spaces, commas or lines"));
     const syncMode = () => {
       byModel.hidden = !modeModel.checked;
-      byIds.hidden = modeModel.checked;
+      byGroup.hidden = !modeGroup.checked;
+      byIds.hidden = !modeIds.checked;
     };
-    modeModel.addEventListener("change", syncMode);
-    modeIds.addEventListener("change", syncMode);
+    for (const radio of [modeModel, modeGroup, modeIds]) radio.addEventListener("change", syncMode);
     const status = h("p", { class: "error", role: "alert", id: "form-error" });
     const submit = h("button", { type: "submit", id: "create-rollout" }, "Create and start");
 
@@ -408,6 +481,9 @@
             if (!model.value.trim()) throw new Error("give a model");
             target.model = model.value.trim();
             target.labels = parseLabels(labels.value);
+            target.tags = tags.value.split(/[\s,]+/).filter(Boolean);
+          } else if (modeGroup.checked) {
+            target.group = groupSelect.value;
           } else {
             const ids = deviceIds.value.split(/[\s,]+/).filter(Boolean);
             if (!ids.length) throw new Error("give at least one device id");
@@ -420,6 +496,15 @@
           };
           if (failCount.value) policy.failure_threshold_count = Number(failCount.value);
           if (failPercent.value) policy.failure_threshold_percent = Number(failPercent.value);
+          if (versions.value.trim()) target.versions = versions.value.trim();
+          policy.windows = windows.value.split("\n").map((l) => l.trim()).filter(Boolean).map(parseWindow);
+          if (endAt.value) policy.end_at = new Date(endAt.value).toISOString();
+          if (continuous.checked) policy.continuous = true;
+          if (rate.value) {
+            policy.rate = { initial_per_minute: Number(rate.value), factor: Number(rateFactor.value || 2) };
+            if (rateEvery.value) policy.rate.every_succeeded = Number(rateEvery.value);
+            if (rateMax.value) policy.rate.max_per_minute = Number(rateMax.value);
+          }
           body = { name: name.value.trim(), firmware_id: Number(fwSelect.value), target, policy };
         } catch (err) {
           status.textContent = err.message;
@@ -440,8 +525,9 @@
     h("div", { class: "form-grid" }, field("Name", name), field("Firmware", fwSelect)),
     h("fieldset", {}, h("legend", {}, "Target"),
       h("div", { class: "radio" }, h("label", {}, modeModel, "Model and labels"),
-        h("label", {}, modeIds, "Device IDs")),
-      byModel, byIds),
+        h("label", {}, modeGroup, "Saved group"), h("label", {}, modeIds, "Device IDs")),
+      byModel, byGroup, byIds,
+      field("Running versions", versions, "optional PEP 440 constraint; others are skipped as incompatible")),
     h("fieldset", {}, h("legend", {}, "Policy"),
       h("div", { class: "form-grid" },
         field("Waves", waves, "cumulative percents or device counts, e.g. 1%, 10%, 100%"),
@@ -449,6 +535,16 @@
         field("Success threshold (%)", success, "share of a wave's finished devices that must succeed"),
         field("Halt after failures (count)", failCount, "optional"),
         field("Halt at failure rate (%)", failPercent, "optional; checked after 10 devices finished"))),
+    h("fieldset", {}, h("legend", {}, "Schedule and pace"),
+      h("div", { class: "form-grid" },
+        field("Maintenance windows", windows,
+          "install only inside: one per line, CRON;DURATION;ZONE or START..END; empty: any time"),
+        field("End at", endAt, "no offer after this (your local time); devices not reached are skipped"),
+        field("Rate (offers/min)", rate, "optional; starts here"),
+        field("Rate factor", rateFactor, "multiplied on each step"),
+        field("Step every … successes", rateEvery, "optional"),
+        field("Max rate (offers/min)", rateMax, "optional"),
+        h("label", { class: "check" }, continuous, "Continuous: devices that match later join, until the end"))),
     status,
     h("div", { class: "actions" }, submit),
     );
@@ -503,6 +599,8 @@
         waves: s.waves || d.waves || [],
         current_wave: s.current_wave ?? d.current_wave ?? null,
         eta_seconds: s.eta_seconds ?? d.eta_seconds ?? null,
+        pacing: s.ts ? (s.pacing ?? null) : (d.pacing ?? null),
+        skipped: s.skipped || d.skipped || {},
         ts: s.ts || null,
       };
     }
@@ -552,6 +650,7 @@
         h("div", { class: "counts", id: "rollout-counts" },
           countNodes.length ? countNodes : h("span", { class: "muted" }, "no devices yet")),
         detail && detail.reason ? h("p", { class: "notice" }, `Reason: ${detail.reason}`) : null,
+        pacingNodes(c.pacing, c.skipped, detail && detail.policy),
         detail ? h("div", { class: "kv muted", style: "margin-top:1rem" },
           h("span", {}, "Firmware"), h("span", {}, `#${detail.firmware_id}`),
           h("span", {}, "Target"), h("span", {}, targetText(detail.target)),
