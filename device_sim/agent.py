@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,8 +24,8 @@ from pydantic import ValidationError
 from device_sim.context import AGENT_VERSION, AgentContext, AgentStats, load_public_key
 from device_sim.mqtt_link import MqttLink
 from device_sim.profiles import JobPlan, is_silent
+from device_sim.soak import SoakSteps
 from device_sim.state_store import AgentState, Job, MemoryStateStore, Phase, StateStore
-from device_sim.steps import UpdateSteps
 from orchestrator.protocol import DEVICE_ID_PATTERN, Desired, ErrorCode, ReportState, Stage, report_topic
 
 __all__ = ["AGENT_VERSION", "AgentContext", "AgentStats", "DeviceAgent", "load_public_key"]
@@ -33,11 +34,13 @@ _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _BUSY = (Phase.INSTALLING, Phase.REBOOTING)
 
 
-class DeviceAgent(UpdateSteps):
+class DeviceAgent(SoakSteps):
     """The update agent of one device. ``await agent.run()`` until ``stop()`` or ``kill()``."""
 
     __slots__ = (
+        "_booted_at",
         "_deferred",
+        "_heartbeat",
         "_held",
         "_job",
         "_last_report",
@@ -74,8 +77,11 @@ class DeviceAgent(UpdateSteps):
         if state is None:
             # First start: the given version is what the factory flashed into slot a.
             state = AgentState(slot="a", running_version=version)
-            self.store.save(state)
+        state.boot_count += 1  # an agent start is a boot as far as the soak's health goes
+        self.store.save(state)
         self.state = state
+        self._booted_at = time.monotonic()
+        self._heartbeat: asyncio.Task[None] | None = None
         self.silent = is_silent(ctx.profile, ctx.seed, device_id)
         self.link = MqttLink(
             device_id,
@@ -114,6 +120,7 @@ class DeviceAgent(UpdateSteps):
             await self.link.run()
         finally:
             self._cancel_task()
+            self._stop_heartbeats()
 
     async def stop(self, grace: float = 0.0) -> None:
         """Graceful shutdown: let an install/reboot in progress end (up to ``grace`` seconds),
@@ -123,12 +130,14 @@ class DeviceAgent(UpdateSteps):
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), grace)
         self._cancel_task()
+        self._stop_heartbeats()
         await self.link.close()
 
     def kill(self) -> None:
         """Stop abruptly, as if the process died: no "offline", the broker fires the last will.
         Persisted state is left exactly as it was."""
         self._cancel_task()
+        self._stop_heartbeats()
         self.link.abort()
 
     def _on_connect(self, count: int) -> None:
@@ -159,6 +168,10 @@ class DeviceAgent(UpdateSteps):
         self._handle(desired)
 
     def _handle(self, d: Desired) -> None:
+        if d.stage in (Stage.SOAK, Stage.ROLLBACK):
+            self._after_install(d)
+            return
+        self._stop_heartbeats()  # a new update: the previous one's soak is over
         done = self.state.find_finished(d.update_id)
         if done is not None and (done["installed"] or d.attempt <= done["attempt"]):
             self._republish(done, d.attempt)
@@ -212,6 +225,7 @@ class DeviceAgent(UpdateSteps):
 
     def _clear(self) -> None:
         """Empty desired document: nothing to do. Abandon a download or a verified image."""
+        self._stop_heartbeats()
         if self._job is not None:
             self._drop_job()
 

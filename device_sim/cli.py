@@ -266,6 +266,12 @@ def agent(
     ] = None,
     reboot_cmd: Annotated[str | None, typer.Option(help="Run after a successful install.")] = None,
     confirm_cmd: Annotated[str | None, typer.Option(help="Exit 0 when the new slot booted.")] = None,
+    health_cmd: Annotated[
+        str | None, typer.Option(help="Exit 0 while the application is healthy (soak).")
+    ] = None,
+    rollback_cmd: Annotated[
+        str | None, typer.Option(help="Boot back into FLEET_TARGET_SLOT (the previous slot) on command.")
+    ] = None,
     profile: Annotated[
         str, typer.Option(help="Simulated installer timings/faults when no --install-cmd.")
     ] = ("instant"),
@@ -277,7 +283,13 @@ def agent(
     _setup_logging(log_level)
     installer: Installer
     if install_cmd:
-        installer = CommandInstaller(install_cmd, reboot_cmd=reboot_cmd, confirm_cmd=confirm_cmd)
+        installer = CommandInstaller(
+            install_cmd,
+            reboot_cmd=reboot_cmd,
+            confirm_cmd=confirm_cmd,
+            health_cmd=health_cmd,
+            rollback_cmd=rollback_cmd,
+        )
     else:
         installer = SimulatedInstaller()
     try:

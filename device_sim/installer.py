@@ -48,6 +48,14 @@ class Installer(Protocol):
         """True when the device runs the new slot; False when it fell back to the old one."""
         ...
 
+    async def app_healthy(self, req: InstallRequest) -> bool:
+        """Whether the application on the updated slot is healthy (asked at every soak heartbeat)."""
+        ...
+
+    async def rollback(self, req: InstallRequest) -> None:
+        """Boot back into ``req.target_slot``, the previous one (A/B fallback on command)."""
+        ...
+
 
 class SimulatedInstaller:
     """Sleeps for the planned install and boot times and injects the planned failures.
@@ -58,6 +66,7 @@ class SimulatedInstaller:
 
     def __init__(self) -> None:
         self.installs: Counter[tuple[str, int]] = Counter()
+        self.rollbacks: Counter[tuple[str, int]] = Counter()
 
     @property
     def total_installs(self) -> int:
@@ -77,6 +86,14 @@ class SimulatedInstaller:
     async def confirm_boot(self, req: InstallRequest) -> bool:
         return not req.plan.boot_failure
 
+    async def app_healthy(self, req: InstallRequest) -> bool:
+        return not req.plan.unhealthy
+
+    async def rollback(self, req: InstallRequest) -> None:
+        self.rollbacks[(req.device_id, req.update_id)] += 1
+        if req.plan.boot_time:
+            await asyncio.sleep(req.plan.boot_time)
+
 
 class CommandInstaller:
     """Runs shell-free commands, for driving a real device's updater.
@@ -87,6 +104,9 @@ class CommandInstaller:
     ``reboot_cmd`` (optional) is run after a successful install; on a real device it reboots, and
     the restarted agent then calls ``confirm_boot``. ``confirm_cmd`` (optional) decides whether the
     new slot is running (exit 0 = yes); without it the boot is taken as confirmed.
+    ``health_cmd`` (optional) answers a soak's health question (exit 0 = healthy; without it the
+    device is taken as healthy); ``rollback_cmd`` switches back to ``FLEET_TARGET_SLOT``, the
+    previous slot, when a soak found the update unhealthy.
     """
 
     def __init__(
@@ -95,11 +115,15 @@ class CommandInstaller:
         *,
         reboot_cmd: str | None = None,
         confirm_cmd: str | None = None,
+        health_cmd: str | None = None,
+        rollback_cmd: str | None = None,
         timeout: float = 1800.0,
     ) -> None:
         self.install_cmd = install_cmd
         self.reboot_cmd = reboot_cmd
         self.confirm_cmd = confirm_cmd
+        self.health_cmd = health_cmd
+        self.rollback_cmd = rollback_cmd
         self.timeout = timeout
 
     async def install(self, req: InstallRequest) -> None:
@@ -120,6 +144,19 @@ class CommandInstaller:
             return True
         code, _ = await self._run(self.confirm_cmd, req)
         return code == 0
+
+    async def app_healthy(self, req: InstallRequest) -> bool:
+        if not self.health_cmd:
+            return True
+        code, _ = await self._run(self.health_cmd, req)
+        return code == 0
+
+    async def rollback(self, req: InstallRequest) -> None:
+        if not self.rollback_cmd:
+            raise InstallError("told to roll back, but the agent runs without --rollback-cmd")
+        code, output = await self._run(self.rollback_cmd, req)
+        if code != 0:
+            raise InstallError(f"rollback command exited with {code}: {output[-300:]}")
 
     async def _run(self, command: str, req: InstallRequest) -> tuple[int, str]:
         image = str(req.image) if req.image else ""

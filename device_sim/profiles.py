@@ -16,7 +16,16 @@ from typing import Literal
 FetchMode = Literal["http", "skip"]
 Range = tuple[float, float]
 
-RATE_NAMES = ("corrupt", "install_error", "boot_failure", "offline", "silent", "duplicate", "reorder")
+RATE_NAMES = (
+    "corrupt",
+    "install_error",
+    "boot_failure",
+    "offline",
+    "silent",
+    "duplicate",
+    "reorder",
+    "unhealthy",
+)
 # Accepted spellings on the command line, mapped to the field they set.
 RATE_ALIASES = {"checksum": "corrupt", "corrupted_download": "corrupt", "rollback": "boot_failure"}
 RANGE_FIELDS = ("bandwidth", "install_time", "boot_time", "offline_time")
@@ -27,7 +36,8 @@ SCALAR_FIELDS = ("jitter", "progress_step", "download_retries")
 class FailureRates:
     """Probabilities (0..1) of each injected fault.
 
-    ``corrupt``, ``install_error``, ``boot_failure``, ``offline`` are drawn per update attempt;
+    ``corrupt``, ``install_error``, ``boot_failure``, ``offline`` and ``unhealthy`` (the application
+    reports itself unhealthy after the update booted, as a soak would notice) are drawn per attempt;
     ``silent`` once per device (it never answers a desired document); ``duplicate`` and ``reorder``
     per report (published twice / swapped with the next report).
     """
@@ -39,6 +49,7 @@ class FailureRates:
     silent: float = 0.0
     duplicate: float = 0.0
     reorder: float = 0.0
+    unhealthy: float = 0.0
 
     def __post_init__(self) -> None:
         for name in RATE_NAMES:
@@ -48,7 +59,7 @@ class FailureRates:
 
     @property
     def any_per_job(self) -> bool:
-        return any((self.corrupt, self.install_error, self.boot_failure, self.offline))
+        return any((self.corrupt, self.install_error, self.boot_failure, self.offline, self.unhealthy))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +208,7 @@ class JobPlan:
     corrupt: bool = False
     install_error: bool = False
     boot_failure: bool = False
+    unhealthy: bool = False  # the new version runs but its application reports itself unhealthy
     offline_at: float | None = None  # fraction of the download after which the network drops
     offline_for: float = 0.0
     bandwidth: float | None = None
@@ -240,17 +252,21 @@ def plan_job(profile: Profile, seed: int, device_id: str, update_id: int, attemp
     offline_at = rng.uniform(0.1, 0.9)
     offline_for = _uniform(rng, profile.offline_time)
     bandwidth = _uniform(rng, profile.bandwidth) if profile.bandwidth else None
+    install_time = _uniform(rng, profile.install_time)
+    boot_time = _uniform(rng, profile.boot_time)
+    unhealthy = rng.random() < r.unhealthy  # drawn last: adding it shifted no earlier draw
     keep_rng = bool(profile.jitter or r.duplicate or r.reorder)
     return JobPlan(
         corrupt=corrupt,
         install_error=install_error,
         boot_failure=boot_failure,
+        unhealthy=unhealthy,
         offline_at=offline_at if offline else None,
         offline_for=offline_for,
         bandwidth=bandwidth,
         jitter=profile.jitter,
-        install_time=_uniform(rng, profile.install_time),
-        boot_time=_uniform(rng, profile.boot_time),
+        install_time=install_time,
+        boot_time=boot_time,
         reboot_offline=profile.reboot_offline,
         duplicate=r.duplicate,
         reorder=r.reorder,

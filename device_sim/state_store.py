@@ -74,6 +74,7 @@ class AgentState:
     running_version: str = "0.0.0"
     previous_version: str | None = None
     seq: int = 0
+    boot_count: int = 0
     job: Job | None = None
     # Final reports of finished updates, oldest first: dicts with update_id, attempt, state,
     # error, detail and "installed" (the install step was reached, so never install it again).
@@ -102,6 +103,7 @@ class AgentState:
             "running_version": self.running_version,
             "previous_version": self.previous_version,
             "seq": self.seq,
+            "boot_count": self.boot_count,
             "job": self.job.to_dict() if self.job else None,
             "finished": self.finished,
         }
@@ -117,6 +119,7 @@ class AgentState:
             running_version=str(data["running_version"]),
             previous_version=data.get("previous_version"),
             seq=int(data.get("seq", 0)),
+            boot_count=int(data.get("boot_count", 0)),
             job=Job.from_dict(job) if job else None,
             finished=list(data.get("finished", [])),
         )

@@ -19,6 +19,7 @@ from device_sim.state_store import AgentState, Job, Phase, StateStore
 from orchestrator.protocol import (
     DeviceInfo,
     ErrorCode,
+    Health,
     Report,
     ReportState,
     info_topic,
@@ -178,6 +179,7 @@ class UpdateSteps:
         except InstallError as exc:
             self._end(job, ReportState.FAILED, ErrorCode.INSTALL_ERROR, str(exc), installed=True)
             return
+        self.state.boot_count += 1
         await self._confirm_boot(job, req)
 
     async def _confirm_boot(self, job: Job, req: InstallRequest) -> None:
@@ -244,6 +246,8 @@ class UpdateSteps:
         progress: int,
         error: ErrorCode | None = None,
         detail: str | None = None,
+        *,
+        health: Health | None = None,
     ) -> None:
         st = self.state
         seq = st.next_seq()
@@ -258,6 +262,7 @@ class UpdateSteps:
             error=error,
             detail=detail[:500] if detail else None,
             ts=time.time(),
+            health=health,
         ).to_payload()
         stats = self.ctx.stats
         stats.reports[state.value] += 1

@@ -98,6 +98,16 @@ def pacing_view(
         ),
         "window_open": None,
         "waiting_for_window": 0,
+        "soaking": int(
+            session.scalar(
+                select(func.count()).where(
+                    DeviceUpdate.rollout_id == rollout_id, DeviceUpdate.state == UpdateState.SOAKING
+                )
+            )
+            or 0
+        )
+        if policy.soak
+        else 0,
     }
     if policy.windows:
         specs = policy.window_specs

@@ -95,6 +95,23 @@ class RateRamp(BaseModel):
         return int(min(rate, self.max_per_minute))
 
 
+class SoakPolicy(BaseModel):
+    """After an update succeeded the device reports health for ``duration_s``; it counts as
+    SUCCEEDED only if it stayed healthy, else it is told to roll back (ROLLED_BACK, ``health``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    duration_s: float = Field(ge=1, le=30 * 24 * 3600, description="how long a device must stay healthy")
+    heartbeat_s: float = Field(30, ge=0.5, le=3600, description="seconds between the device's health reports")
+    missed_heartbeats: int = Field(
+        3, ge=1, le=100, description="a device silent for this many heartbeats at the end counts as unhealthy"
+    )
+
+    @property
+    def silence_s(self) -> float:
+        return self.heartbeat_s * self.missed_heartbeats
+
+
 class RolloutPolicy(BaseModel):
     """How a rollout proceeds. Percent waves are cumulative shares of the target set."""
 
@@ -124,6 +141,9 @@ class RolloutPolicy(BaseModel):
     rate: RateRamp | None = Field(None, description="offers per minute, ramping up; besides max_in_flight")
     continuous: bool = Field(
         False, description="stay open: devices that match the target later join the last wave until end_at"
+    )
+    soak: SoakPolicy | None = Field(
+        None, description="health-gated soak after each success; a wave passes on devices that stayed healthy"
     )
 
     @model_validator(mode="after")

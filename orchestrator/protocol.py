@@ -111,6 +111,7 @@ class ErrorCode(StrEnum):
     ALREADY_ON_TARGET = "already_on_target"
     CANCELED = "canceled"
     VERSION_MISMATCH = "version_mismatch"
+    HEALTH = "health"  # unhealthy during the soak after an update: rolled back on command
     WINDOW_CLOSED = "window_closed"  # the rollout's end time passed before the device was offered
     OFFLINE = "offline"  # the device stayed offline until the rollout's end time
 
@@ -120,6 +121,8 @@ class Stage(StrEnum):
 
     DOWNLOAD = "download"
     INSTALL = "install"
+    SOAK = "soak"  # installed and running: report health every ``heartbeat_s`` until told otherwise
+    ROLLBACK = "rollback"  # unhealthy after the update: go back to the previous slot
 
 
 # ---------------------------------------------------------------- payloads
@@ -147,6 +150,15 @@ class Desired(_Message):
     attempt: int = Field(ge=1)
     stage: Stage
     firmware: FirmwareRef
+    heartbeat_s: float | None = Field(None, gt=0, description="stage soak: seconds between health reports")
+
+
+class Health(_Message):
+    """A device's health, carried by the reports it sends while an update soaks."""
+
+    boot_count: Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
+    uptime_s: float = Field(ge=0, le=1e10, allow_inf_nan=False)
+    app_healthy: bool
 
 
 class Report(_Message):
@@ -164,6 +176,7 @@ class Report(_Message):
     error: ErrorCode | None = None
     detail: str | None = Field(default=None, max_length=500)
     ts: float | None = Field(default=None, allow_inf_nan=False, ge=0, le=1e11)
+    health: Health | None = None  # heartbeats during a soak (state SUCCEEDED)
 
 
 class DeviceInfo(_Message):

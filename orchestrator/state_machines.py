@@ -22,6 +22,8 @@ class UpdateState(StrEnum):
     VERIFIED = "VERIFIED"
     INSTALLING = "INSTALLING"
     REBOOTING = "REBOOTING"
+    SOAKING = "SOAKING"  # running the new version, reporting health until the soak ends
+    ROLLING_BACK = "ROLLING_BACK"  # unhealthy in the soak: told to go back to its previous slot
     RETRYING = "RETRYING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
@@ -40,6 +42,8 @@ class UpdateEvent(StrEnum):
     REQUEUE = "requeue"  # RETRYING -> QUEUED with attempt + 1
     TIMEOUT = "timeout"  # no attempt left
     TIMEOUT_RETRY = "timeout_retry"  # attempts left
+    SOAK_PASSED = "soak_passed"  # healthy until the soak ended
+    UNHEALTHY = "unhealthy"  # an unhealthy heartbeat, or none, during the soak
     # device reports
     REPORT_DOWNLOADING = "report_downloading"
     REPORT_DOWNLOADED = "report_downloaded"
@@ -47,6 +51,7 @@ class UpdateEvent(StrEnum):
     REPORT_INSTALLING = "report_installing"
     REPORT_REBOOTING = "report_rebooting"
     REPORT_SUCCEEDED = "report_succeeded"
+    REPORT_SUCCEEDED_SOAK = "report_succeeded_soak"  # the policy asks for a soak first
     REPORT_FAILED = "report_failed"  # no attempt left
     REPORT_FAILED_RETRY = "report_failed_retry"  # attempts left
     REPORT_ROLLED_BACK = "report_rolled_back"
@@ -61,6 +66,8 @@ UPDATE_IN_FLIGHT = (U.OFFERED, U.DOWNLOADING, U.DOWNLOADED, U.VERIFIED, U.INSTAL
 UPDATE_NOT_STARTED = frozenset({U.PENDING, U.QUEUED})
 # Verified and past it: the install stage has been (or may now be) sent.
 UPDATE_AWAITING_INSTALL = frozenset({U.VERIFIED, U.INSTALLING, U.REBOOTING})
+# Installed, not ended: no in-flight slot, but the wave waits and no other rollout takes the device.
+UPDATE_SOAK = (U.SOAKING, U.ROLLING_BACK)
 # Failure-like end states count against thresholds.
 UPDATE_FAILURE_STATES = frozenset({U.FAILED, U.ROLLED_BACK, U.TIMED_OUT})
 
@@ -89,6 +96,12 @@ UPDATE_TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     **{(s, E.REPORT_FAILED): U.FAILED for s in UPDATE_IN_FLIGHT},
     **{(s, E.REPORT_FAILED_RETRY): U.RETRYING for s in UPDATE_IN_FLIGHT},
     **{(s, E.REPORT_ROLLED_BACK): U.ROLLED_BACK for s in UPDATE_IN_FLIGHT},
+    **{(s, E.REPORT_SUCCEEDED_SOAK): U.SOAKING for s in UPDATE_IN_FLIGHT},
+    (U.SOAKING, E.SOAK_PASSED): U.SUCCEEDED,
+    (U.SOAKING, E.UNHEALTHY): U.ROLLING_BACK,
+    (U.SOAKING, E.REPORT_ROLLED_BACK): U.ROLLED_BACK,
+    (U.ROLLING_BACK, E.REPORT_ROLLED_BACK): U.ROLLED_BACK,
+    (U.ROLLING_BACK, E.TIMEOUT): U.TIMED_OUT,
     **{
         (s, event): target
         for s in UPDATE_IN_FLIGHT

@@ -265,6 +265,7 @@ class Pacing(BaseModel):
     next_window_at: datetime | None = None
     waiting_for_window: int = Field(0, description="verified devices waiting for a window to install")
     waiting_offline: int = Field(0, description="queued devices that are offline")
+    soaking: int = Field(0, description="devices reporting health in their soak")
     end_at: datetime | None = None
     continuous: bool = False
 

@@ -180,6 +180,8 @@ def rollout_create(
     continuous: bool = typer.Option(
         False, "--continuous", help="devices matching later join, until --end-at"
     ),
+    soak: str = typer.Option(None, help="after success each device must stay healthy this long, e.g. 10m"),
+    soak_heartbeat: str = typer.Option("30s", help="how often a soaking device reports its health"),
     policy_file: Path = typer.Option(None, help="JSON policy; the options above override its fields"),
     start_at: str = typer.Option(None, help="ISO time with zone to start at, e.g. 2030-01-01T02:00:00+00:00"),
     supersede: bool = typer.Option(
@@ -220,6 +222,11 @@ def rollout_create(
             policy["end_at"] = policy_options.aware_time(end_at, "--end-at")
         if continuous:
             policy["continuous"] = True
+        if soak:
+            policy["soak"] = {
+                "duration_s": policy_options.duration_s(soak, "--soak"),
+                "heartbeat_s": policy_options.duration_s(soak_heartbeat, "--soak-heartbeat"),
+            }
         start = policy_options.aware_time(start_at, "--start-at") if start_at else None
     except policy_options.OptionError as exc:
         raise fail(str(exc)) from None
@@ -322,6 +329,8 @@ def pacing_lines(pacing: dict[str, Any] | None) -> list[str]:
             lines.append(f"waiting for the window to install: {pacing['waiting_for_window']}")
     if pacing.get("waiting_offline"):
         lines.append(f"waiting for offline devices: {pacing['waiting_offline']}")
+    if pacing.get("soaking"):
+        lines.append(f"soaking: {pacing['soaking']} devices reporting health")
     if pacing.get("end_at"):
         kind = "continuous until" if pacing.get("continuous") else "ends"
         lines.append(f"{kind} {short_time(pacing['end_at'])}")

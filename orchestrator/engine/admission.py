@@ -30,7 +30,7 @@ from orchestrator.pacing import rate_room
 from orchestrator.policy import policy_of
 from orchestrator.portal import device_message
 from orchestrator.protocol import Stage
-from orchestrator.state_machines import UPDATE_IN_FLIGHT, RolloutState, UpdateEvent, UpdateState
+from orchestrator.state_machines import UPDATE_IN_FLIGHT, UPDATE_SOAK, RolloutState, UpdateEvent, UpdateState
 from orchestrator.transitions import MovedRow, bulk_transition_where
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _candidates(session: Session, rollout_id: int, limit: int) -> list[int]:
     busy_elsewhere = exists().where(
         other.device_id == DeviceUpdate.device_id,
         other.rollout_id != rollout_id,
-        other.state.in_(UPDATE_IN_FLIGHT),
+        other.state.in_((*UPDATE_IN_FLIGHT, *UPDATE_SOAK)),
     )
     # An offline device holds no slot: it is offered once its presence says it is back.
     return list(

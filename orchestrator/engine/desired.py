@@ -13,7 +13,14 @@ def firmware_url(settings: Settings, firmware_id: int) -> str:
 
 
 def desired_message(
-    settings: Settings, *, update_id: int, attempt: int, stage: Stage, device_id: str, firmware: Firmware
+    settings: Settings,
+    *,
+    update_id: int,
+    attempt: int,
+    stage: Stage,
+    device_id: str,
+    firmware: Firmware,
+    heartbeat_s: float | None = None,
 ) -> tuple[str, bytes]:
     """(topic, payload) telling ``device_id`` what to do for this update and attempt."""
     ref = FirmwareRef(
@@ -25,7 +32,7 @@ def desired_message(
         url=firmware_url(settings, firmware.id),
         token=make_download_token(settings.secret_key, firmware.id, device_id),
     )
-    doc = Desired(update_id=update_id, attempt=attempt, stage=stage, firmware=ref)
+    doc = Desired(update_id=update_id, attempt=attempt, stage=stage, firmware=ref, heartbeat_s=heartbeat_s)
     return desired_topic(device_id), doc.to_payload()
 
 

@@ -8,6 +8,7 @@ Each pass, every part on its own (a failure in one row or one part is logged and
 - times out in-flight updates of online devices past their stage deadline (the download deadline
   is set at offer, the install deadline when VERIFIED is applied or for the next maintenance
   window): a retry when attempts remain, else TIMED_OUT;
+- ends soaks: a SOAKING update heard from lately SUCCEEDED, a silent one ROLLING_BACK (``health``);
 - requeues RETRYING updates whose backoff has passed (their deadline is the retry time);
 - re-sends the step of every update that stopped moving: after ``FLEET_STALL_S`` when the next
   move is ours (OFFERED: publish the offer again; VERIFIED: install; ended but not finalized:
@@ -41,6 +42,7 @@ from orchestrator.engine.steps import finalize
 from orchestrator.engine.waves import close_wave, kick, rollout_policy, wave_is_open
 from orchestrator.models import Device, DeviceUpdate, Rollout, Wave, utcnow
 from orchestrator.policy import RolloutPolicy, policy_of
+from orchestrator.protocol import ErrorCode
 from orchestrator.state_machines import (
     UPDATE_END_STATES,
     UPDATE_IN_FLIGHT,
@@ -65,6 +67,7 @@ def reconcile_once(rt: Runtime) -> dict[str, int]:
         _start_due,
         _end_due,
         _time_out,
+        _end_soaks,
         _requeue_due,
         _join_continuous,
         _redrive,
@@ -166,7 +169,7 @@ def _time_out(rt: Runtime, stats: Counter[str]) -> None:
             select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.attempt, DeviceUpdate.rollout_id)
             .join(Device, Device.id == DeviceUpdate.device_id)
             .where(
-                DeviceUpdate.state.in_(UPDATE_IN_FLIGHT),
+                DeviceUpdate.state.in_((*UPDATE_IN_FLIGHT, UpdateState.ROLLING_BACK)),
                 DeviceUpdate.deadline_at < now,
                 Device.online.is_(True),
             )
@@ -185,7 +188,8 @@ def _time_out(rt: Runtime, stats: Counter[str]) -> None:
         with rt.sessions() as session:
             policy = rollout_policy(session.get_one(Rollout, rollout_id))
             for (state, attempt), ids in groups.items():
-                retry = attempt < policy.max_attempts
+                # A rollback that never confirms ends the update; the device has nothing to retry.
+                retry = attempt < policy.max_attempts and state != UpdateState.ROLLING_BACK
                 due = now + timedelta(seconds=policy.backoff(attempt))
                 # The deadline in the WHERE clause too: a report that moved the row on meanwhile wins.
                 moved = bulk_transition_where(
@@ -214,6 +218,72 @@ def _time_out(rt: Runtime, stats: Counter[str]) -> None:
     _each(stats, "admit", sorted(retrying), lambda rid: admit(rt, rid))
 
 
+def _end_soaks(rt: Runtime, stats: Counter[str]) -> None:
+    """Soaks that ended: a device heard from in its last ``silence_s`` succeeded; a silent one is
+    told to roll back (``health``), like one that reported itself unhealthy."""
+    now = utcnow()
+    with rt.sessions() as session:
+        due = session.execute(
+            select(
+                DeviceUpdate.id, DeviceUpdate.rollout_id, DeviceUpdate.updated_at, DeviceUpdate.deadline_at
+            )
+            .where(DeviceUpdate.state == UpdateState.SOAKING, DeviceUpdate.deadline_at < now)
+            .limit(BATCH)
+        ).all()
+        if not due:
+            return
+        policies = {
+            i: policy_of(i, created_at, doc)
+            for i, created_at, doc in session.execute(
+                select(Rollout.id, Rollout.created_at, Rollout.policy).where(
+                    Rollout.id.in_({r.rollout_id for r in due})
+                )
+            )
+        }
+        healthy: list[int] = []
+        silent: dict[int, list[int]] = defaultdict(list)
+        for row in due:
+            policy = policies[row.rollout_id]
+            silence = timedelta(seconds=policy.soak.silence_s if policy.soak else 0)
+            if row.updated_at >= row.deadline_at - silence:
+                healthy.append(row.id)
+            else:
+                silent[row.rollout_id].append(row.id)
+        passed = bulk_transition_where(
+            session,
+            UpdateEvent.SOAK_PASSED,
+            UpdateState.SOAKING,
+            DeviceUpdate.id.in_(healthy),
+            DeviceUpdate.deadline_at < now,
+        )
+        rolling_back: list[int] = []
+        for rollout_id, ids in silent.items():
+            rollback_by = now + timedelta(seconds=policies[rollout_id].install_timeout_s)
+            rolling_back += [
+                m.id
+                for m in bulk_transition_where(
+                    session,
+                    UpdateEvent.UNHEALTHY,
+                    UpdateState.SOAKING,
+                    DeviceUpdate.id.in_(ids),
+                    DeviceUpdate.deadline_at < now,
+                    values={"deadline_at": rollback_by},
+                    error_code=str(ErrorCode.HEALTH),
+                    detail={"reason": "no heartbeat at the end of the soak"},
+                )
+            ]
+        session.commit()
+    stats["soak_passed"] += len(passed)
+    stats["soak_silent"] += len(rolling_back)
+    if rolling_back:
+        try:
+            rt.dispatch.republish(rolling_back)
+        except DispatchFailed as exc:
+            log.warning("reconcile: %s; the rollback documents go out on a later pass", exc)
+    if passed:
+        finalize(rt, [m.id for m in passed])
+
+
 def _requeue_due(rt: Runtime, stats: Counter[str]) -> None:
     with rt.sessions() as session:
         moved = bulk_transition_where(
@@ -239,6 +309,8 @@ _DEVICE_BUSY = (
     UpdateState.DOWNLOADED,
     UpdateState.INSTALLING,
     UpdateState.REBOOTING,
+    UpdateState.SOAKING,  # a soaking device's heartbeats move its row: silence means it lost the document
+    UpdateState.ROLLING_BACK,
 )
 BUSY_STALL_FACTOR = 3
 

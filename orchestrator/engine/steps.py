@@ -8,9 +8,10 @@
 * **finalize** (sent when updates reached an end state): clear the device's desired document,
   publish its final portal document, mark the row finalized, then check the failure threshold,
   close waves that have nothing open and admit devices into the slots just freed.
-* **republish** (sent by the reconciler for updates that stopped moving): the document of the
-  stage the update is in, again. A device that already got it and moved on answers with its
-  current state (protocol §3), which recovers a report the broker lost in a crash.
+* **republish** (sent by the reconciler for updates that stopped moving, and by ingest for updates
+  that began soaking or rolling back): the document of the stage the update is in. A device that
+  already got it and moved on answers with its current state (protocol §3), which recovers a
+  report the broker lost in a crash.
 
 A step that finds a row elsewhere than it expects leaves it alone: whatever moved it on also sent
 the step that follows.
@@ -53,25 +54,37 @@ def _publish_stage(
     with rt.sessions() as session:
         rows = session.execute(
             select(
-                DeviceUpdate.id, DeviceUpdate.attempt, DeviceUpdate.device_id, Rollout.firmware_id, Rollout.id
+                DeviceUpdate.id,
+                DeviceUpdate.attempt,
+                DeviceUpdate.device_id,
+                Rollout.firmware_id,
+                Rollout.id,
+                Rollout.created_at,
+                Rollout.policy,
             )
             .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
             .where(DeviceUpdate.id.in_(list(update_ids)), DeviceUpdate.state.in_(states))
         ).all()
-    messages = [
-        desired_message(
-            rt.settings,
-            update_id=update_id,
-            attempt=attempt,
-            stage=stage,
-            device_id=device_id,
-            firmware=firmware_of(rt, firmware_id),
+    messages = []
+    for update_id, attempt, device_id, firmware_id, rollout_id, created_at, policy_doc in rows:
+        heartbeat: float | None = None
+        if stage is Stage.SOAK:
+            soak = policy_of(rollout_id, created_at, policy_doc).soak
+            heartbeat = soak.heartbeat_s if soak is not None else None
+        messages.append(
+            desired_message(
+                rt.settings,
+                update_id=update_id,
+                attempt=attempt,
+                stage=stage,
+                device_id=device_id,
+                firmware=firmware_of(rt, firmware_id),
+                heartbeat_s=heartbeat,
+            )
         )
-        for update_id, attempt, device_id, firmware_id, _ in rows
-    ]
     if messages:
         rt.publisher.publish_many(messages)
-        rt.marks.mark(*{rollout_id for *_, rollout_id in rows})
+        rt.marks.mark(*{row[4] for row in rows})
     return len(messages)
 
 
@@ -127,7 +140,9 @@ def republish(rt: Runtime, update_ids: Sequence[int]) -> int:
     """
     told = _publish_stage(rt, update_ids, _DOWNLOAD_STAGE, Stage.DOWNLOAD)
     told += install(rt, update_ids)
-    return told + _publish_stage(rt, update_ids, _INSTALL_STAGE, Stage.INSTALL)
+    told += _publish_stage(rt, update_ids, _INSTALL_STAGE, Stage.INSTALL)
+    told += _publish_stage(rt, update_ids, (UpdateState.SOAKING,), Stage.SOAK)
+    return told + _publish_stage(rt, update_ids, (UpdateState.ROLLING_BACK,), Stage.ROLLBACK)
 
 
 def finalize(rt: Runtime, update_ids: Sequence[int]) -> int:

@@ -6,7 +6,10 @@ still refreshes the device's inventory (running version, last seen). Several rep
 in a batch are folded into one compare-and-set of its row (one Event per report all the same).
 
 Besides the state, a report sets the stage deadline: reaching VERIFIED starts the install deadline,
-a failure with attempts left makes the row RETRYING until its backoff has passed. SUCCEEDED counts
+a failure with attempts left makes the row RETRYING until its backoff has passed. Under a soak
+policy a success makes the row SOAKING until the soak ends; the reports a soaking device repeats
+are its heartbeats: a healthy one moves the soak's progress, an unhealthy one makes the row
+ROLLING_BACK. SUCCEEDED counts
 only with the target version running; otherwise the update FAILS with ``version_mismatch``.
 
 The outcome says which steps the batch made due (install for new VERIFIED rows, finalize for new
@@ -26,12 +29,13 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.models import Device, DeviceUpdate, Event, Firmware, Rollout, utcnow
-from orchestrator.policy import RolloutPolicy
+from orchestrator.policy import RolloutPolicy, SoakPolicy
 from orchestrator.portal import device_message
 from orchestrator.protocol import ErrorCode, Report, ReportState
 from orchestrator.state_machines import (
     UPDATE_AWAITING_INSTALL,
     UPDATE_END_STATES,
+    UPDATE_SOAK,
     UPDATE_TRANSITIONS,
     UpdateEvent,
     UpdateState,
@@ -58,6 +62,7 @@ class _Snapshot:
     wave_id: int | None
     last_seq: int | None
     progress: int
+    deadline_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,7 @@ class _RolloutInfo:
     backoff: Callable[[int], float]
     install_timeout_s: float
     target_version: str
+    soak: SoakPolicy | None
 
 
 @dataclass
@@ -75,6 +81,8 @@ class BatchOutcome:
     portal: list[tuple[str, bytes]] = field(default_factory=list)
     install_ids: list[int] = field(default_factory=list)
     finalize_ids: list[int] = field(default_factory=list)
+    # rows that entered a state whose stage document must go out (SOAKING: soak, ROLLING_BACK: rollback)
+    stage_ids: list[int] = field(default_factory=list)
     retry_rollouts: set[int] = field(default_factory=set)
     dirty_rollouts: set[int] = field(default_factory=set)
     counters: Counter[str] = field(default_factory=Counter)
@@ -85,6 +93,7 @@ class BatchOutcome:
         self.portal += other.portal
         self.install_ids += other.install_ids
         self.finalize_ids += other.finalize_ids
+        self.stage_ids += other.stage_ids
         self.retry_rollouts |= other.retry_rollouts
         self.dirty_rollouts |= other.dirty_rollouts
         self.counters.update(other.counters)
@@ -126,9 +135,13 @@ class ReportApplier:
                 DeviceUpdate.wave_id,
                 DeviceUpdate.last_seq,
                 DeviceUpdate.progress,
+                DeviceUpdate.deadline_at,
             ).where(DeviceUpdate.id.in_(ids))
         )
-        snaps = {r[0]: _Snapshot(r[0], r[1], UpdateState(r[2]), *r[3:]) for r in rows}
+        snaps = {
+            r[0]: _Snapshot(r[0], r[1], UpdateState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+            for r in rows
+        }
         unknown = {s.rollout_id for s in snaps.values()} - self._rollouts.keys()
         if unknown:
             for rollout_id, policy, version in session.execute(
@@ -138,7 +151,7 @@ class ReportApplier:
             ):
                 parsed = RolloutPolicy.model_validate(policy)
                 self._rollouts[rollout_id] = _RolloutInfo(
-                    parsed.max_attempts, parsed.backoff, parsed.install_timeout_s, version
+                    parsed.max_attempts, parsed.backoff, parsed.install_timeout_s, version, parsed.soak
                 )
         return snaps
 
@@ -206,12 +219,20 @@ class ReportApplier:
             retryable = error is None or error in RETRYABLE_ERRORS
             attempts_left = retryable and snap.attempt < info.max_attempts
             event = report_event(state, attempts_left)
+            heartbeat = plan.state == UpdateState.SOAKING and state == ReportState.SUCCEEDED
+            if heartbeat and report.health is not None and not report.health.app_healthy:
+                event, error = UpdateEvent.UNHEALTHY, str(ErrorCode.HEALTH)
+                out.counters["unhealthy"] += 1
+            elif event == UpdateEvent.REPORT_SUCCEEDED and info.soak is not None:
+                event = UpdateEvent.REPORT_SUCCEEDED_SOAK
             new = UPDATE_TRANSITIONS.get((plan.state, event))
-            progress_only = (
-                new is None
-                and plan.state == UpdateState.DOWNLOADING
-                and state == ReportState.DOWNLOADING
-                and report.progress > plan.progress
+            progress_only = new is None and (
+                heartbeat
+                or (
+                    plan.state == UpdateState.DOWNLOADING
+                    and state == ReportState.DOWNLOADING
+                    and report.progress > plan.progress
+                )
             )
             if new is None and not progress_only:
                 reason = "after_end" if plan.state in UPDATE_END_STATES else "not_forward"
@@ -228,7 +249,16 @@ class ReportApplier:
                     plan.deadline_at = now + timedelta(seconds=info.install_timeout_s)
                 elif new == UpdateState.RETRYING:
                     plan.deadline_at = now + timedelta(seconds=info.backoff(snap.attempt))
-            plan.progress = 100 if plan.state == UpdateState.SUCCEEDED else report.progress
+                elif new == UpdateState.SOAKING and info.soak is not None:
+                    plan.deadline_at = now + timedelta(seconds=info.soak.duration_s)
+                elif new == UpdateState.ROLLING_BACK:
+                    plan.deadline_at = now + timedelta(seconds=info.install_timeout_s)
+            if plan.state == UpdateState.SOAKING:
+                plan.progress = _soak_progress(plan, snap, info, now)
+            elif plan.state == UpdateState.SUCCEEDED:
+                plan.progress = 100
+            elif plan.state != UpdateState.ROLLING_BACK:
+                plan.progress = report.progress
             plan.last_seq = report.seq
             plan.applied.append(report)
             plan.last_report = report
@@ -278,10 +308,24 @@ class ReportApplier:
             return
         if plan.state == UpdateState.VERIFIED:
             out.install_ids.append(snap.id)
+        elif plan.state in UPDATE_SOAK:
+            out.stage_ids.append(snap.id)
+            if plan.state == UpdateState.SOAKING:
+                out.retry_rollouts.add(snap.rollout_id)  # a soaking device holds no slot: admit
         elif plan.state in UPDATE_END_STATES:
             out.finalize_ids.append(snap.id)
         elif plan.state == UpdateState.RETRYING:
             out.retry_rollouts.add(snap.rollout_id)
+
+
+def _soak_progress(plan: _Plan, snap: _Snapshot, info: _RolloutInfo, now: datetime) -> int:
+    """How far the soak is, in percent of its duration (100 only once it passed)."""
+    soak = info.soak
+    ends = plan.deadline_at or snap.deadline_at
+    if soak is None or ends is None:
+        return 0
+    elapsed = soak.duration_s - (ends - now).total_seconds()
+    return max(0, min(99, int(100 * elapsed / soak.duration_s)))
 
 
 def _change(plan: _Plan) -> RowChange:
@@ -327,6 +371,8 @@ def _report_event(
         detail["error"] = str(report.error)
     if report.detail:
         detail["message"] = report.detail
+    if report.health is not None:
+        detail["health"] = report.health.model_dump()
     if reason:
         detail["ignored"] = reason
     return {

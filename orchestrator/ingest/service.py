@@ -307,6 +307,8 @@ class IngestService:
                 self.dispatch.install(outcome.install_ids)
             if outcome.finalize_ids:
                 self.dispatch.finalize(outcome.finalize_ids)
+            if outcome.stage_ids:
+                self.dispatch.republish(outcome.stage_ids)  # the soak or rollback document
             for rollout_id in sorted(outcome.retry_rollouts):
                 self.dispatch.offer(rollout_id)
             if outcome.install_ids or outcome.finalize_ids or outcome.retry_rollouts:

@@ -47,7 +47,7 @@ def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api_only: ApiO
     created = cli(
         *("rollout", "create", "--firmware", str(firmware_id), "--group", "pilots"),
         *("--window", "0 2 * * mon-fri;2h;Europe/Berlin", "--rate", "5", "--rate-every-succeeded", "10"),
-        *("--end-at", "2031-01-01T00:00:00Z", "--versions", ">=1.0"),
+        *("--end-at", "2031-01-01T00:00:00Z", "--versions", ">=1.0", "--soak", "10m"),
     )
     assert "3 devices" in created
     # Then the rollout's status says what paces it
@@ -62,6 +62,7 @@ def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api_only: ApiO
         "start": None,
         "end": None,
     }
+    assert detail["policy"]["soak"]["duration_s"] == 600 and detail["policy"]["soak"]["heartbeat_s"] == 30
     # And the image in use can be deprecated but not deleted
     assert "deprecated" in cli("firmware", "deprecate", str(firmware_id))
     assert_failed(

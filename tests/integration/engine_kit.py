@@ -25,7 +25,7 @@ from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.ingest.report_applier import ReportApplier
 from orchestrator.models import DeviceUpdate, Firmware, Rollout
 from orchestrator.policy import RolloutPolicy, Target
-from orchestrator.protocol import Report, ReportState
+from orchestrator.protocol import ErrorCode, Health, Report, ReportState
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.services.rollout_service import start_rollout
 from orchestrator.state_machines import UPDATE_IN_FLIGHT, UpdateState
@@ -123,14 +123,27 @@ def updates(rt: Runtime, rollout_id: int, *states: UpdateState) -> list[DeviceUp
 _seq = itertools.count(1)
 
 
-def report(rt: Runtime, rows: list[DeviceUpdate], *states: ReportState, version: str = "1.0.0") -> Any:
+def report(
+    rt: Runtime,
+    rows: list[DeviceUpdate],
+    *states: ReportState,
+    version: str = "1.0.0",
+    health: Health | None = None,
+    error: ErrorCode | None = None,
+) -> Any:
     """Reports as the devices would send them (``seq`` rising), applied by ingest's applier."""
     applier = ReportApplier()
     reports = []
     for du in rows:
         for state in states:
             report = Report(
-                update_id=du.id, attempt=du.attempt, state=state, seq=next(_seq), running_version=version
+                update_id=du.id,
+                attempt=du.attempt,
+                state=state,
+                seq=next(_seq),
+                running_version=version,
+                health=health,
+                error=error,
             )
             reports.append((du.device_id, report))
     with session_scope(rt.settings.database_url) as session:
@@ -151,8 +164,6 @@ def queued_messages(rt: Runtime) -> list[tuple[str, Any]]:
 def in_flight(rt: Runtime, rollout_id: int) -> int:
     by_state = counts(rt, rollout_id)
     return sum(by_state.get(str(s), 0) for s in UPDATE_IN_FLIGHT)
-
-
 
 
 def target_version(rt: Runtime, rollout_id: int) -> str:

@@ -21,13 +21,21 @@ from orchestrator.ingest.inventory import apply_inventory
 from orchestrator.models import Device, DeviceUpdate, Rollout, Wave, utcnow
 from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.portal import rollout_summary
-from orchestrator.protocol import ReportState
+from orchestrator.protocol import ErrorCode, Health, ReportState
 from orchestrator.services.device_service import set_tags
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.services.rollout_service import start_rollout
 from orchestrator.state_machines import UpdateState, WaveState
 from tests.factories import add_devices, add_firmware_row
-from tests.integration.engine_kit import Retained, counts, plan_rollout, report, target_version, updates
+from tests.integration.engine_kit import (
+    Retained,
+    counts,
+    plan_rollout,
+    queued_messages,
+    report,
+    target_version,
+    updates,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -250,3 +258,69 @@ def test_a_continuous_rollout_takes_in_matching_devices_until_its_end(rt: Runtim
         assert str(session.get_one(Rollout, rollout_id).status) == "COMPLETED"
         assert session.get_one(Rollout, rollout_id).total == 3
     assert counts(rt, rollout_id) == {"SUCCEEDED": 3}
+
+
+# ====================================================================== health-gated soak
+def test_a_soak_passes_the_healthy_and_rolls_back_the_unhealthy_and_the_silent(
+    rt: Runtime, mqtt_broker: Any
+) -> None:
+    # Given three devices under a one-minute soak with heartbeats every second
+    soak = {"duration_s": 60, "heartbeat_s": 1, "missed_heartbeats": 3}
+    policy = RolloutPolicy(waves=["100%"], soak=soak, success_threshold=0.3)
+    rollout_id, prefix = plan_rollout(rt, 3, policy)
+    version = target_version(rt, rollout_id)
+    retained = Retained(mqtt_broker, prefix)
+    try:
+        waves.kick(rt, rollout_id)
+        healthy, sick, silent = updates(rt, rollout_id, UpdateState.OFFERED)
+        # When all three report success, they soak instead of ending, and are told to report health
+        outcome = report(rt, [healthy, sick, silent], ReportState.SUCCEEDED, version=version)
+        assert sorted(outcome.stage_ids) == sorted(u.id for u in (healthy, sick, silent))
+        assert counts(rt, rollout_id) == {"SOAKING": 3}
+        steps.republish(rt, outcome.stage_ids)
+        assert retained.wait(
+            lambda r: all(d.get("stage") == "soak" for d in r.docs.values()) and len(r.docs) == 3
+        )
+        assert retained.docs[healthy.device_id]["heartbeat_s"] == 1
+        # When one heartbeat says the application is unhealthy, that device is told to roll back
+        ok = Health(boot_count=2, uptime_s=5, app_healthy=True)
+        report(rt, [healthy], ReportState.SUCCEEDED, version=version, health=ok)
+        bad = report(
+            rt,
+            [sick],
+            ReportState.SUCCEEDED,
+            version=version,
+            health=Health(boot_count=2, uptime_s=5, app_healthy=False),
+        )
+        assert bad.stage_ids == [sick.id] and _row(rt, sick.id).state == UpdateState.ROLLING_BACK
+        steps.republish(rt, bad.stage_ids)
+        assert retained.wait(lambda r: r.docs[sick.device_id]["stage"] == "rollback")
+        report(rt, [sick], ReportState.ROLLED_BACK, version="1.0.0", error=ErrorCode.HEALTH)
+        steps.finalize(rt, [sick.id])
+        assert _row(rt, sick.id).error_code == "health"
+        # and the soak's progress shows on the healthy one
+        assert 0 <= _row(rt, healthy.id).progress < 100
+        # When the soak ends with the healthy one still beating and the silent one quiet
+        ends = _row(rt, healthy.id).deadline_at
+        assert ends is not None
+        with time_machine.travel(ends - timedelta(seconds=1), tick=True):
+            report(rt, [healthy], ReportState.SUCCEEDED, version=version, health=ok)
+        with time_machine.travel(ends + timedelta(seconds=2), tick=True):
+            stats = reconciler.reconcile_once(rt)
+        # Then the healthy one succeeded, and the silent one is told to roll back too
+        assert stats.get("soak_passed") == 1 and stats.get("soak_silent") == 1
+        assert _row(rt, healthy.id).state == UpdateState.SUCCEEDED
+        assert _row(rt, silent.id).state == UpdateState.ROLLING_BACK
+        sent = [args[0] for name, args in queued_messages(rt) if name == "fleet.republish"]
+        assert sent == [[silent.id]]  # a worker publishes the rollback document
+        steps.republish(rt, sent[0])
+        assert retained.wait(lambda r: r.docs.get(silent.device_id, {}).get("stage") == "rollback")
+        assert healthy.device_id not in retained.docs  # finalized: the soak document is cleared
+        report(rt, [silent], ReportState.ROLLED_BACK, version="1.0.0", error=ErrorCode.HEALTH)
+        steps.finalize(rt, [silent.id])
+    finally:
+        retained.close()
+    # The wave passed on its one healthy device (threshold 0.3) and the rollout completed
+    assert counts(rt, rollout_id) == {"SUCCEEDED": 1, "ROLLED_BACK": 2}
+    with rt.sessions() as session:
+        assert str(session.get_one(Rollout, rollout_id).status) == "COMPLETED"

@@ -123,3 +123,43 @@ def test_a_continuous_rollout_updates_devices_that_register_later(harness: Harne
     assert all(isinstance(e, Event) and e.wave_id is not None for e in joined)
     waves = [e.to_state for e in harness.events(rollout_id) if e.name in ("wave_pass", "wave_fail")]
     assert waves == ["PASSED", "PASSED"]
+
+
+def test_a_soak_rolls_back_devices_that_turn_unhealthy_after_the_update(harness: Harness) -> None:
+    # Given six devices that stay healthy and three whose application fails after any update
+    harness.start_fleet(6, prefix="fine-", profile="instant", params=QUICK_REAL)
+    harness.start_fleet(
+        3, prefix="sick-", profile="instant", params=QUICK_REAL, fail_rates={"unhealthy": 1.0}
+    )
+    # When a rollout soaks each device for 5 s with heartbeats every half second
+    soak = {"duration_s": 5, "heartbeat_s": 0.5, "missed_heartbeats": 4}
+    policy = RolloutPolicy(waves=["100%"], soak=soak, success_threshold=0.6)
+    rollout_id = _start(harness, Target(model="sensor-v2"), policy)
+
+    def soaking_on_the_portal() -> bool:
+        docs = harness.portal_snapshot(rollout_id, wait=0.3)
+        summary = docs.get(f"fleet/v1/portal/rollouts/{rollout_id}") or {}
+        return summary.get("counts", {}).get("SOAKING", 0) > 0
+
+    assert harness.wait(soaking_on_the_portal, 30)
+    harness.wait_status(rollout_id, "COMPLETED", timeout=90)
+    # Then the healthy devices succeeded after their soak, and the unhealthy ones went back
+    assert harness.counts(rollout_id) == {"SUCCEEDED": 6, "ROLLED_BACK": 3}
+    assert harness.versions("fine-") == {"1.1.0": 6}
+    assert harness.wait(lambda: harness.versions("sick-") == {"1.0.0": 3}, 10)
+    updates = harness.updates(rollout_id)
+    assert {u.error_code for u in updates if u.state == "ROLLED_BACK"} == {"health"}
+    events = harness.events(rollout_id)
+    for u in updates:
+        mine = [e for e in events if e.device_update_id == u.id]
+        soaked = next(e.created_at for e in mine if e.to_state == "SOAKING")
+        if u.state == "SUCCEEDED":
+            passed = next(e.created_at for e in mine if e.name == "soak_passed")
+            assert (passed - soaked).total_seconds() >= 5
+            beats = [e for e in mine if e.kind == "report" and e.detail and "health" in e.detail]
+            assert len(beats) >= 5 and all(e.detail["health"]["app_healthy"] for e in beats)
+        else:
+            moves = [e.to_state for e in mine if e.accepted and e.to_state]
+            assert moves[-2:] == ["ROLLING_BACK", "ROLLED_BACK"], moves
+    waves = [e.to_state for e in events if e.name in ("wave_pass", "wave_fail")]
+    assert waves == ["PASSED"]

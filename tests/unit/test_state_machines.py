@@ -30,6 +30,8 @@ _RANK = {
     UpdateState.PENDING: 0,
     UpdateState.QUEUED: 1,
     **{s: 2 + i for i, s in enumerate(UPDATE_IN_FLIGHT)},
+    UpdateState.SOAKING: 30,
+    UpdateState.ROLLING_BACK: 31,
     UpdateState.RETRYING: 50,
     **{s: 100 for s in UPDATE_END_STATES},
 }
@@ -66,6 +68,18 @@ def test_failures_retry_only_while_attempts_remain() -> None:
     assert report_event("FAILED", attempts_left=False) == UpdateEvent.REPORT_FAILED
     assert report_event("ROLLED_BACK", attempts_left=True) == UpdateEvent.REPORT_ROLLED_BACK
     assert next_update_state(UpdateState.RETRYING, UpdateEvent.REQUEUE) == UpdateState.QUEUED
+
+
+def test_a_soak_ends_in_success_or_a_rollback_and_never_goes_back_to_installing() -> None:
+    soaking = next_update_state(UpdateState.REBOOTING, UpdateEvent.REPORT_SUCCEEDED_SOAK)
+    assert soaking == UpdateState.SOAKING
+    assert next_update_state(soaking, UpdateEvent.SOAK_PASSED) == UpdateState.SUCCEEDED
+    rolling_back = next_update_state(soaking, UpdateEvent.UNHEALTHY)
+    assert next_update_state(rolling_back, UpdateEvent.REPORT_ROLLED_BACK) == UpdateState.ROLLED_BACK
+    assert next_update_state(rolling_back, UpdateEvent.TIMEOUT) == UpdateState.TIMED_OUT
+    for event in (UpdateEvent.REPORT_INSTALLING, UpdateEvent.CANCEL, UpdateEvent.TIMEOUT_RETRY):
+        with pytest.raises(IllegalTransition):
+            next_update_state(soaking, event)
 
 
 def test_rollout_machine() -> None:

@@ -7,6 +7,7 @@
   const END_STATES = new Set(["SUCCEEDED", "FAILED", "ROLLED_BACK", "TIMED_OUT", "SKIPPED", "CANCELED"]);
   const STATE_ORDER = [
     "PENDING", "QUEUED", "OFFERED", "DOWNLOADING", "DOWNLOADED", "VERIFIED", "INSTALLING", "REBOOTING",
+    "SOAKING", "ROLLING_BACK",
     "RETRYING", "SUCCEEDED", "FAILED", "ROLLED_BACK", "TIMED_OUT", "SKIPPED", "CANCELED",
   ];
   const MAX_DEVICE_ROWS = 1000;
@@ -97,6 +98,11 @@
     if (policy && (policy.windows || []).length) {
       kv("rollout-windows", "Windows", policy.windows.map(windowText).join("; "));
     }
+    if (policy && policy.soak) {
+      kv("rollout-soak", "Soak", `each device stays healthy ${fmtEta(policy.soak.duration_s)} after updating ` +
+        `(heartbeat every ${fmtEta(policy.soak.heartbeat_s)}); unhealthy ones roll back`);
+    }
+    if (pacing && pacing.soaking) kv("rollout-soaking", "Soaking", `${pacing.soaking} devices reporting health`);
     if (pacing && pacing.waiting_offline) kv("rollout-offline", "Offline", `${pacing.waiting_offline} devices wait to come online`);
     if (pacing && (pacing.end_at || pacing.continuous)) {
       const kind = pacing.continuous ? "Continuous" : "Ends";
@@ -445,6 +451,9 @@
       placeholder: "0 2 * * mon-fri;2h;Europe/Berlin" });
     const endAt = h("input", { name: "end_at", id: "end_at", type: "datetime-local" });
     const continuous = h("input", { name: "continuous", id: "continuous", type: "checkbox" });
+    const soak = h("input", { name: "soak", id: "soak", type: "number", min: 1, step: "any" });
+    const heartbeat = h("input", { name: "heartbeat", id: "soak_heartbeat", type: "number", min: 0.5, step: "any",
+      value: 30 });
     const rate = h("input", { name: "rate", id: "rate", type: "number", min: 1, step: 1 });
     const rateFactor = h("input", { name: "rate_factor", id: "rate_factor", type: "number", min: 1, max: 10,
       step: "any", value: 2 });
@@ -500,6 +509,7 @@
           policy.windows = windows.value.split("\n").map((l) => l.trim()).filter(Boolean).map(parseWindow);
           if (endAt.value) policy.end_at = new Date(endAt.value).toISOString();
           if (continuous.checked) policy.continuous = true;
+          if (soak.value) policy.soak = { duration_s: Number(soak.value), heartbeat_s: Number(heartbeat.value || 30) };
           if (rate.value) {
             policy.rate = { initial_per_minute: Number(rate.value), factor: Number(rateFactor.value || 2) };
             if (rateEvery.value) policy.rate.every_succeeded = Number(rateEvery.value);
@@ -544,6 +554,8 @@
         field("Rate factor", rateFactor, "multiplied on each step"),
         field("Step every … successes", rateEvery, "optional"),
         field("Max rate (offers/min)", rateMax, "optional"),
+        field("Soak (seconds)", soak, "optional: each device must stay healthy this long, else it rolls back"),
+        field("Heartbeat (seconds)", heartbeat, "how often a soaking device reports health"),
         h("label", { class: "check" }, continuous, "Continuous: devices that match later join, until the end"))),
     status,
     h("div", { class: "actions" }, submit),
