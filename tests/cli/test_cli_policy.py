@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from orchestrator.cli.main import app as cli_app
 from orchestrator.config import Settings
 from orchestrator.db import session_scope
 from orchestrator.services.firmware_service import add_firmware
@@ -20,8 +23,16 @@ from tests.factories import add_devices
 pytestmark = [pytest.mark.integration]
 
 
-def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api_only: ApiOnly, tmp_path: Path) -> None:
-    url, token = api_only.url, make_token(api_only.database_url, Role.OPERATOR)
+@pytest.fixture
+def api(api_only: ApiOnly, database_url: str, mqtt_broker: Any) -> ApiOnly:
+    """The CLI speaks HTTP only: the API tests cover the backends, these run on the default pair."""
+    if not database_url.startswith("sqlite") or mqtt_broker.kind == "external":
+        pytest.skip("runs on [sqlite-embedded]; tests/api covers the other backends")
+    return api_only
+
+
+def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api: ApiOnly, tmp_path: Path) -> None:
+    url, token = api.url, make_token(api.database_url, Role.OPERATOR)
 
     def cli(*args: str) -> str:
         result = run_cli(*args, api_url=url, token=token, cwd=tmp_path)
@@ -30,9 +41,9 @@ def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api_only: ApiO
 
     # Given six devices, a firmware image, and three of the devices tagged by the operator
     fw = sample()
-    with session_scope(api_only.database_url) as session:
+    with session_scope(api.database_url) as session:
         ids = add_devices(session, 6)
-        settings = Settings(database_url=api_only.database_url, firmware_dir=tmp_path / "fw")
+        settings = Settings(database_url=api.database_url, firmware_dir=tmp_path / "fw")
         with fw.path.open("rb") as stream:
             firmware_id = add_firmware(
                 session, settings, stream, model=fw.model, version=fw.version, signature=fw.signature
@@ -63,6 +74,15 @@ def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api_only: ApiO
         "end": None,
     }
     assert detail["policy"]["soak"]["duration_s"] == 600 and detail["policy"]["soak"]["heartbeat_s"] == 30
+    # A mistake only the server can see comes back with its message
+    bad_zone = run_cli(
+        *("rollout", "create", "--firmware", str(firmware_id), "--group", "pilots"),
+        *("--window", "0 2 * * *;1h;Mars/Olympus"),
+        api_url=url,
+        token=token,
+        cwd=tmp_path,
+    )
+    assert_failed(bad_zone, "Mars/Olympus")
     # And the image in use can be deprecated but not deleted
     assert "deprecated" in cli("firmware", "deprecate", str(firmware_id))
     assert_failed(
@@ -80,17 +100,29 @@ def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api_only: ApiO
     )
 
 
-def test_policy_option_mistakes_say_how_to_write_them(api_only: ApiOnly, tmp_path: Path) -> None:
-    url, token = api_only.url, make_token(api_only.database_url, Role.OPERATOR)
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--window", "0 2 * * *"), "CRON;DURATION"),
+        (("--window", "0 2 * * *;soon"), "15m"),
+        (("--end-at", "2031-01-01T00:00:00"), "time zone"),
+        (("--rate-max", "100"), "--rate N"),
+        (("--soak", "forever"), "--soak"),
+        (("--group", "g"), "one of --model, --group or --device"),
+    ],
+)
+def test_policy_option_mistakes_are_refused_before_any_request(args: tuple[str, ...], needle: str) -> None:
+    # No API is running: each mistake is caught by the CLI itself, with how to write it instead
     base = ("rollout", "create", "--firmware", "1", "--name", "x", "--model", "sensor-v2")
+    env = {"FLEET_API_URL": "http://127.0.0.1:9", "FLEET_API_TOKEN": "unused", "COLUMNS": "200"}
+    result = CliRunner().invoke(cli_app, [*base, *args], env=env)
+    assert result.exit_code != 0
+    assert needle in result.output, result.output
+    assert "cannot connect" not in result.output
 
-    def refused(*args: str, needle: str) -> None:
-        assert_failed(run_cli(*base, *args, api_url=url, token=token, cwd=tmp_path), needle)
 
-    refused("--window", "0 2 * * *", needle="CRON;DURATION")
-    refused("--window", "0 2 * * *;soon", needle="15m")
-    refused("--end-at", "2031-01-01T00:00:00", needle="time zone")
-    refused("--rate-max", "100", needle="--rate N")
-    refused("--window", "0 2 * * *;1h;Mars/Olympus", needle="Mars/Olympus")  # the server's message
-    refused("--group", "g", needle="one of --model, --group or --device")
-    assert_failed(run_cli("devices", "tag", "dev-1", api_url=url, token=token, cwd=tmp_path), "--add TAG")
+def test_tagging_without_a_tag_is_refused() -> None:
+    result = CliRunner().invoke(
+        cli_app, ["devices", "tag", "dev-1"], env={"FLEET_API_URL": "http://127.0.0.1:9"}
+    )
+    assert result.exit_code != 0 and "--add TAG" in result.output

@@ -185,8 +185,8 @@ def test_portal_sets_and_shows_a_window_a_rate_and_skip_reasons(
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: console_errors.append(str(e)))
 
-    # When the operator targets the group, running >=1.0 only, with a window opening in 10 s and a rate
-    opens = datetime.now(UTC) + timedelta(seconds=10)
+    # When the operator targets the group, running >=1.0 only, with a window opening in 7 s and a rate
+    opens = datetime.now(UTC) + timedelta(seconds=7)
     closes = opens + timedelta(minutes=20)  # room for the default 15-minute install timeout
     page.goto(f"{base}/#/rollouts/new")
     page.wait_for_selector("#rollout-form")
