@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Boolean, String, bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from orchestrator.audit import record
 from orchestrator.models import DeviceUpdate, Event, Rollout, Wave, utcnow
 from orchestrator.state_machines import (
     UPDATE_END_STATES,
@@ -271,6 +272,11 @@ def initial_update_state(event: UpdateEvent | None) -> UpdateState:
     return UpdateState.PENDING if event is None else next_update_state(UpdateState.PENDING, event)
 
 
+_AUDITED_ROLLOUT_EVENTS = frozenset(
+    {RolloutEvent.START, RolloutEvent.PAUSE, RolloutEvent.RESUME, RolloutEvent.HALT, RolloutEvent.ABORT}
+)
+
+
 def transition_rollout(
     session: Session,
     rollout: Rollout,
@@ -290,6 +296,16 @@ def transition_rollout(
         rollout.finished_at = now
     if reason is not None:
         rollout.reason = reason
+    if not actor.startswith("api:") and event in _AUDITED_ROLLOUT_EVENTS:
+        # API calls are audited by the API itself; this records the engine's and the scheduler's.
+        record(
+            session,
+            actor=actor,
+            action=f"rollout.{event}",
+            target_kind="rollout",
+            target_id=rollout.id,
+            detail={"reason": reason} if reason else None,
+        )
     session.add(
         Event(
             kind="operator" if actor != "system" else "transition",

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.api import (
+    audit_routes,
     device_routes,
     firmware_routes,
     group_routes,
@@ -18,6 +19,7 @@ from orchestrator.api import (
     portal_routes,
     rollout_routes,
 )
+from orchestrator.api.audit_trail import AuditTrail
 from orchestrator.api.limits import BodyLimit
 from orchestrator.config import Settings, get_settings
 from orchestrator.errors import FleetError, RangeNotSatisfiable
@@ -94,11 +96,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = {"code": _HTTP_CODES.get(exc.status_code, "http_error"), "message": str(exc.detail)}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
+    app.add_middleware(AuditTrail, database_url=settings.database_url)
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_request_bytes, max_upload_bytes=settings.max_firmware_bytes
     )
 
     v1 = APIRouter(prefix="/v1")
+    v1.include_router(audit_routes.router)
     v1.include_router(device_routes.router)
     v1.include_router(firmware_routes.router)
     v1.include_router(group_routes.router)

@@ -18,9 +18,9 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from orchestrator.config import Settings
 from orchestrator.db import session_factory
-from orchestrator.errors import AlreadyExists, ConcurrentUpdate, Unauthorized
+from orchestrator.errors import AlreadyExists, ConcurrentUpdate, Forbidden, Unauthorized
 from orchestrator.models import ApiToken
-from orchestrator.services.token_service import Role, authenticate
+from orchestrator.services.token_service import Role, authenticate, token_by_secret
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -49,26 +49,39 @@ def session_dep(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def _token(credentials: HTTPAuthorizationCredentials | None, session: Session, need: Role) -> ApiToken:
+def _token(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, session: Session, need: Role
+) -> ApiToken:
     if credentials is None:
         raise Unauthorized("an API token is required: Authorization: Bearer <token>")
-    return authenticate(session, credentials.credentials, need)
+    try:
+        token = authenticate(session, credentials.credentials, need)
+    except Forbidden:
+        # The audit trail names who was refused: the token is valid, its role is not enough.
+        known = token_by_secret(session, credentials.credentials)
+        if known is not None:
+            request.state.fleet_token = (known.name, known.role)
+        raise
+    request.state.fleet_token = (token.name, token.role)
+    return token
 
 
 def require_viewer(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     session: Annotated[Session, Depends(session_dep)],
 ) -> ApiToken:
     """The caller's token; any live token may read."""
-    return _token(credentials, session, Role.VIEWER)
+    return _token(request, credentials, session, Role.VIEWER)
 
 
 def require_operator(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     session: Annotated[Session, Depends(session_dep)],
 ) -> ApiToken:
     """The caller's token, which must have the operator role."""
-    return _token(credentials, session, Role.OPERATOR)
+    return _token(request, credentials, session, Role.OPERATOR)
 
 
 def actor(token: ApiToken) -> str:

@@ -333,6 +333,28 @@ class EventPage(BaseModel):
     next_cursor: str | None = None
 
 
+# ---------------------------------------------------------------- audit
+class AuditOut(_Out):
+    id: int
+    created_at: datetime
+    actor: str = Field(
+        examples=["api:ops-alice"], description="api:<token name>, cli:<user>, system, scheduler"
+    )
+    token_name: str | None = None
+    role: str | None = Field(None, examples=["operator"])
+    action: str = Field(examples=["rollout.pause"])
+    target_kind: str | None = Field(None, examples=["rollout"])
+    target_id: str | None = Field(None, examples=["7"])
+    outcome: str = Field(examples=["ok"], description="ok, or the error code the action ended with")
+    status: int | None = Field(None, description="HTTP status, for actions taken through the API")
+    detail: dict[str, Any] | None = None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditOut]
+    next_cursor: str | None = None
+
+
 # ---------------------------------------------------------------- health
 class Health(BaseModel):
     status: str = Field(examples=["ok"], description="ok | degraded")

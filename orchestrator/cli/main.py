@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.api.token_cli import token_app
-from orchestrator.cli import broker_cmd, demo_cmd, inventory_cmds, rollout_cmds, up_cmd
+from orchestrator.cli import audit_cmd, broker_cmd, demo_cmd, inventory_cmds, rollout_cmds, up_cmd
 from orchestrator.cli.ca_cmd import ca_app
 from orchestrator.config import get_settings
 from orchestrator.errors import FleetError
@@ -22,6 +22,7 @@ app.add_typer(rollout_cmds.rollout_app, name="rollout")
 app.add_typer(inventory_cmds.devices_app, name="devices")
 app.add_typer(inventory_cmds.group_app, name="group")
 app.command("demo")(demo_cmd.demo)
+app.command("audit")(audit_cmd.audit)
 app.command("up")(up_cmd.up)
 app.command("broker-users")(broker_cmd.broker_users)
 app.add_typer(token_app, name="token")

@@ -1,6 +1,7 @@
 """SQLAlchemy models; importing this package registers every table on ``Base.metadata``."""
 
 from orchestrator.models.api_token import ApiToken
+from orchestrator.models.audit_entry import AuditEntry
 from orchestrator.models.base import Base, utcnow
 from orchestrator.models.device import Device
 from orchestrator.models.device_group import DeviceGroup
@@ -12,6 +13,7 @@ from orchestrator.models.wave import Wave
 
 __all__ = [
     "ApiToken",
+    "AuditEntry",
     "Base",
     "Device",
     "DeviceGroup",

@@ -13,13 +13,14 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.models import Device, DeviceUpdate, Event, Firmware, Rollout, Wave
+from orchestrator.models import AuditEntry, Device, DeviceUpdate, Event, Firmware, Rollout, Wave
 from orchestrator.portal import rollout_summary
 from orchestrator.protocol import PortalRollout
 from orchestrator.services.device_service import LABEL_KEY_PATTERN, get_device
@@ -267,3 +268,43 @@ def updates_by_state(session: Session) -> dict[str, int]:
 def devices_by_online(session: Session) -> dict[bool, int]:
     rows = session.execute(select(Device.online, func.count()).group_by(Device.online)).tuples()
     return {bool(online): count for online, count in rows}
+
+
+# ---------------------------------------------------------------- audit
+def list_audit(
+    session: Session,
+    *,
+    action: str | None = None,
+    actor: str | None = None,
+    target_kind: str | None = None,
+    target_id: str | None = None,
+    outcome: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> Page[AuditEntry]:
+    """Audit entries newest first, matching every given filter (``action`` may end in ``.*``)."""
+    _check_limit(limit)
+    after = decode_cursor("audit", cursor, int)
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit + 1)
+    if after is not None:
+        query = query.where(AuditEntry.id < after)
+    if action is not None:
+        if action.endswith(".*"):
+            query = query.where(AuditEntry.action.startswith(action[:-1], autoescape=True))
+        else:
+            query = query.where(AuditEntry.action == action)
+    if actor is not None:
+        query = query.where(AuditEntry.actor == actor)
+    if target_kind is not None:
+        query = query.where(AuditEntry.target_kind == target_kind)
+    if target_id is not None:
+        query = query.where(AuditEntry.target_id == target_id)
+    if outcome is not None:
+        query = query.where(AuditEntry.outcome == outcome)
+    if since is not None:
+        query = query.where(AuditEntry.created_at >= since)
+    if until is not None:
+        query = query.where(AuditEntry.created_at < until)
+    return _page(session.scalars(query).all(), limit, "audit", lambda e: e.id)

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from orchestrator.audit import record
 from orchestrator.engine.waves import cancel_not_started
 from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.models import DeviceUpdate, Event, Firmware, Rollout, Wave, utcnow
@@ -168,6 +169,14 @@ def _supersede(session: Session, new_rollout_id: int, busy: dict[str, int], acto
                 error_code="superseded",
                 detail={"superseded_by": new_rollout_id},
             )
+        record(
+            session,
+            actor=actor,
+            action="rollout.supersede",
+            target_kind="rollout",
+            target_id=old_rollout_id,
+            detail={"by_rollout": new_rollout_id, "devices": len(devices), "canceled": len(canceled)},
+        )
         session.add(
             Event(
                 kind="operator",

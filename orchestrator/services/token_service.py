@@ -14,6 +14,7 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from orchestrator.audit import cli_actor, record
 from orchestrator.errors import Forbidden, InvalidInput, NotFound, Unauthorized
 from orchestrator.models import ApiToken, utcnow
 
@@ -44,7 +45,9 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(session: Session, *, name: str, role: Role | str) -> tuple[ApiToken, str]:
+def create_token(
+    session: Session, *, name: str, role: Role | str, actor: str | None = None
+) -> tuple[ApiToken, str]:
     """Store a new token and return it with its secret, which is not kept anywhere. Commits.
 
     ``name`` is 1-100 characters and identifies the holder in the audit trail.
@@ -60,8 +63,22 @@ def create_token(session: Session, *, name: str, role: Role | str) -> tuple[ApiT
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(name=name, role=checked.value, token_hash=hash_secret(secret))
     session.add(token)
+    session.flush()
+    record(
+        session,
+        actor=actor or cli_actor(),
+        action="token.create",
+        target_kind="token",
+        target_id=token.id,
+        detail={"name": name, "role": checked.value},
+    )
     session.commit()
     return token, secret
+
+
+def token_by_secret(session: Session, secret: str) -> ApiToken | None:
+    """The token row for ``secret`` (live or not), or None."""
+    return session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret)))
 
 
 def authenticate(session: Session, secret: str, need: Role) -> ApiToken:
@@ -70,7 +87,7 @@ def authenticate(session: Session, secret: str, need: Role) -> ApiToken:
     Raises Unauthorized for an unknown or revoked secret and Forbidden for a too-weak role.
     May commit (to record ``last_used_at`` at most once a minute per token).
     """
-    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret)))
+    token = token_by_secret(session, secret)
     if token is None or token.revoked:
         raise Unauthorized("the API token is not valid (unknown or revoked)")
     if not role_allows(token.role, need):
@@ -87,11 +104,20 @@ def list_tokens(session: Session) -> list[ApiToken]:
     return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
 
-def revoke_token(session: Session, token_id: int) -> ApiToken:
+def revoke_token(session: Session, token_id: int, *, actor: str | None = None) -> ApiToken:
     """Mark a token revoked; it is refused from the next request on. Idempotent. Commits."""
     token = session.get(ApiToken, token_id)
     if token is None:
         raise NotFound(f"API token {token_id} does not exist", field="token_id")
-    token.revoked = True
+    if not token.revoked:
+        token.revoked = True
+        record(
+            session,
+            actor=actor or cli_actor(),
+            action="token.revoke",
+            target_kind="token",
+            target_id=token.id,
+            detail={"name": token.name},
+        )
     session.commit()
     return token

@@ -83,6 +83,9 @@ def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api: ApiOnly, 
         cwd=tmp_path,
     )
     assert_failed(bad_zone, "Mars/Olympus")
+    # The operator's own actions are in the audit log
+    log = cli("audit", "--target", "group", "--limit", "5")
+    assert "group.create" in log and "api:cli-test" in log
     # And the image in use can be deprecated but not deleted
     assert "deprecated" in cli("firmware", "deprecate", str(firmware_id))
     assert_failed(
