@@ -171,6 +171,9 @@ class DeviceAgent(SoakSteps):
         if d.stage in (Stage.SOAK, Stage.ROLLBACK):
             self._after_install(d)
             return
+        if d.stage is Stage.CANCEL:
+            self._stop_on_request(d)
+            return
         self._stop_heartbeats()  # a new update: the previous one's soak is over
         done = self.state.find_finished(d.update_id)
         if done is not None and (done["installed"] or d.attempt <= done["attempt"]):
@@ -222,6 +225,19 @@ class DeviceAgent(SoakSteps):
             self._report(job.update_id, job.attempt, ReportState.VERIFIED, 100)
         else:
             self._start(job)  # resume a download after a restart, or install the verified image
+
+    def _stop_on_request(self, d: Desired) -> None:
+        """An operator stopped this update. Never reached while installing (that document waits
+        for the install to end): drop the download or verified image and report CANCELED."""
+        done = self.state.find_finished(d.update_id)
+        if done is not None:
+            self._republish(done, done["attempt"])  # it ended before the request came
+            return
+        job = self._job
+        if job is not None and job.update_id == d.update_id:
+            self._drop_job()
+        detail = "stopped on the operator's request before installing"
+        self._finish(d.update_id, d.attempt, ReportState.CANCELED, ErrorCode.CANCELED, detail)
 
     def _clear(self) -> None:
         """Empty desired document: nothing to do. Abandon a download or a verified image."""

@@ -95,6 +95,7 @@ class ReportState(StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
+    CANCELED = "CANCELED"  # dropped on stage ``cancel`` before installing anything
 
 
 class ErrorCode(StrEnum):
@@ -123,6 +124,7 @@ class Stage(StrEnum):
     INSTALL = "install"
     SOAK = "soak"  # installed and running: report health every ``heartbeat_s`` until told otherwise
     ROLLBACK = "rollback"  # unhealthy after the update: go back to the previous slot
+    CANCEL = "cancel"  # an operator stopped this update: drop it unless already installing
 
 
 # ---------------------------------------------------------------- payloads

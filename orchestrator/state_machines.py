@@ -42,6 +42,7 @@ class UpdateEvent(StrEnum):
     REQUEUE = "requeue"  # RETRYING -> QUEUED with attempt + 1
     TIMEOUT = "timeout"  # no attempt left
     TIMEOUT_RETRY = "timeout_retry"  # attempts left
+    RETRY_BY_OPERATOR = "retry_by_operator"  # FAILED/TIMED_OUT -> QUEUED with attempt + 1
     SOAK_PASSED = "soak_passed"  # healthy until the soak ended
     UNHEALTHY = "unhealthy"  # an unhealthy heartbeat, or none, during the soak
     # device reports
@@ -55,6 +56,7 @@ class UpdateEvent(StrEnum):
     REPORT_FAILED = "report_failed"  # no attempt left
     REPORT_FAILED_RETRY = "report_failed_retry"  # attempts left
     REPORT_ROLLED_BACK = "report_rolled_back"
+    REPORT_CANCELED = "report_canceled"  # the device dropped the update on an operator's stop request
 
 
 U = UpdateState
@@ -66,6 +68,8 @@ UPDATE_IN_FLIGHT = (U.OFFERED, U.DOWNLOADING, U.DOWNLOADED, U.VERIFIED, U.INSTAL
 UPDATE_NOT_STARTED = frozenset({U.PENDING, U.QUEUED})
 # Verified and past it: the install stage has been (or may now be) sent.
 UPDATE_AWAITING_INSTALL = frozenset({U.VERIFIED, U.INSTALLING, U.REBOOTING})
+# Offered but not installing: an operator may ask the device to stop (it drops the download).
+UPDATE_STOPPABLE = (U.OFFERED, U.DOWNLOADING, U.DOWNLOADED, U.VERIFIED)
 # Installed, not ended: no in-flight slot, but the wave waits and no other rollout takes the device.
 UPDATE_SOAK = (U.SOAKING, U.ROLLING_BACK)
 # Failure-like end states count against thresholds.
@@ -102,6 +106,11 @@ UPDATE_TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     (U.SOAKING, E.REPORT_ROLLED_BACK): U.ROLLED_BACK,
     (U.ROLLING_BACK, E.REPORT_ROLLED_BACK): U.ROLLED_BACK,
     (U.ROLLING_BACK, E.TIMEOUT): U.TIMED_OUT,
+    # A stop request reaches a device that has not started installing: it drops the update.
+    **{(s, E.REPORT_CANCELED): U.CANCELED for s in UPDATE_STOPPABLE},
+    # The one way out of an end state: an operator starts a new attempt of a failed update.
+    (U.FAILED, E.RETRY_BY_OPERATOR): U.QUEUED,
+    (U.TIMED_OUT, E.RETRY_BY_OPERATOR): U.QUEUED,
     **{
         (s, event): target
         for s in UPDATE_IN_FLIGHT
@@ -120,6 +129,7 @@ REPORT_EVENTS: dict[str, tuple[UpdateEvent, UpdateEvent | None]] = {
     "SUCCEEDED": (E.REPORT_SUCCEEDED, None),
     "FAILED": (E.REPORT_FAILED, E.REPORT_FAILED_RETRY),
     "ROLLED_BACK": (E.REPORT_ROLLED_BACK, None),
+    "CANCELED": (E.REPORT_CANCELED, None),
 }
 
 

@@ -218,8 +218,10 @@ def bulk_transition_where(
         "redrive_at": None,
         **(values or {}),
     }
-    if event == UpdateEvent.REQUEUE:
+    if event in (UpdateEvent.REQUEUE, UpdateEvent.RETRY_BY_OPERATOR):
         changes.update(attempt=DeviceUpdate.attempt + 1, progress=0, error_code=None)
+    if event == UpdateEvent.RETRY_BY_OPERATOR:
+        changes.update(finished_at=None, finalized_at=None, deadline_at=None, stop_requested_at=None)
     if new in UPDATE_END_STATES:
         changes.setdefault("finished_at", now)
         changes.setdefault("deadline_at", None)

@@ -1,4 +1,4 @@
-"""audit log
+"""audit log, stop requests
 
 Revision ID: 0005
 Revises: 0004
@@ -32,6 +32,8 @@ def upgrade() -> None:
         sa.Column("detail", sa.JSON(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_entries")),
     )
+    with op.batch_alter_table("device_updates") as batch:
+        batch.add_column(sa.Column("stop_requested_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("audit_entries") as batch:
         batch.create_index("ix_audit_entries_action", ["action", "id"])
         batch.create_index("ix_audit_entries_target", ["target_kind", "target_id", "id"])
@@ -41,3 +43,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("audit_entries")
+    with op.batch_alter_table("device_updates") as batch:
+        batch.drop_column("stop_requested_at")

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.api import (
     audit_routes,
+    device_action_routes,
     device_routes,
     firmware_routes,
     group_routes,
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
     v1.include_router(audit_routes.router)
     v1.include_router(device_routes.router)
+    v1.include_router(device_action_routes.router)
     v1.include_router(firmware_routes.router)
     v1.include_router(group_routes.router)
     v1.include_router(rollout_routes.router)

@@ -35,6 +35,9 @@ ACTIONS: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     ("POST", "/rollouts/{rollout_id}/pause"): ("rollout.pause", "rollout", "rollout_id"),
     ("POST", "/rollouts/{rollout_id}/resume"): ("rollout.resume", "rollout", "rollout_id"),
     ("POST", "/rollouts/{rollout_id}/abort"): ("rollout.abort", "rollout", "rollout_id"),
+    ("POST", "/rollouts/{rollout_id}/devices/{device_id}/retry"): ("device.retry", "device", "device_id"),
+    ("POST", "/rollouts/{rollout_id}/devices/{device_id}/cancel"): ("device.cancel", "device", "device_id"),
+    ("POST", "/rollouts/{rollout_id}/devices/{device_id}/stop"): ("device.stop", "device", "device_id"),
 }
 
 
@@ -105,6 +108,10 @@ class AuditTrail:
             detail["message"] = str(doc["message"])[:300]
         if action == "device.tag" and isinstance(doc, dict) and "devices" in doc:
             detail["devices"] = doc["devices"]
+        path_params = scope.get("path_params") or {}
+        if kind == "device" and "rollout_id" in path_params:
+            raw = str(path_params["rollout_id"])
+            detail["rollout_id"] = int(raw) if raw.isdigit() else raw[:32]
         return {
             "actor": f"api:{token[0]}" if token else "anonymous",
             "token_name": token[0] if token else None,

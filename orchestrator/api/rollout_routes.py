@@ -118,6 +118,7 @@ def rollout_devices(
             offered_at=row.update.offered_at,
             finished_at=row.update.finished_at,
             updated_at=row.update.updated_at,
+            stop_requested_at=row.update.stop_requested_at,
         )
         for row in page.items
     ]

@@ -305,6 +305,7 @@ class DeviceUpdateOut(BaseModel):
     offered_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime
+    stop_requested_at: datetime | None = Field(None, description="an operator asked the device to stop")
 
 
 class DeviceUpdatePage(BaseModel):

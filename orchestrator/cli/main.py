@@ -9,7 +9,15 @@ import typer
 from rich.console import Console
 
 from orchestrator.api.token_cli import token_app
-from orchestrator.cli import audit_cmd, broker_cmd, demo_cmd, inventory_cmds, rollout_cmds, up_cmd
+from orchestrator.cli import (
+    audit_cmd,
+    broker_cmd,
+    demo_cmd,
+    device_action_cmds,  # noqa: F401 - registers `fleet rollout device`
+    inventory_cmds,
+    rollout_cmds,
+    up_cmd,
+)
 from orchestrator.cli.ca_cmd import ca_app
 from orchestrator.config import get_settings
 from orchestrator.errors import FleetError

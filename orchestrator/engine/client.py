@@ -40,3 +40,15 @@ def nudge(rollout_id: int) -> bool:
         log.warning("%s; the reconciler will move rollout %s on", exc, rollout_id)
         return False
     return True
+
+
+def send_stage(update_ids: list[int]) -> bool:
+    """Have the workers publish each update's current stage document (e.g. ``cancel`` after an
+    operator's stop request); False if the broker could not take it (the reconciler re-sends)."""
+    settings = current_settings()
+    try:
+        sender_for(settings).republish(update_ids)
+    except DispatchFailed as exc:
+        log.warning("%s; the reconciler re-sends the documents of updates %s", exc, update_ids)
+        return False
+    return True

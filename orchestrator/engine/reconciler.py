@@ -166,7 +166,13 @@ def _time_out(rt: Runtime, stats: Counter[str]) -> None:
     with rt.sessions() as session:
         # An offline device's clock stands still (ingest moves its deadlines when it comes back).
         expired = session.execute(
-            select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.attempt, DeviceUpdate.rollout_id)
+            select(
+                DeviceUpdate.id,
+                DeviceUpdate.state,
+                DeviceUpdate.attempt,
+                DeviceUpdate.rollout_id,
+                DeviceUpdate.stop_requested_at,
+            )
             .join(Device, Device.id == DeviceUpdate.device_id)
             .where(
                 DeviceUpdate.state.in_((*UPDATE_IN_FLIGHT, UpdateState.ROLLING_BACK)),
@@ -175,21 +181,23 @@ def _time_out(rt: Runtime, stats: Counter[str]) -> None:
             )
             .limit(BATCH)
         ).all()
-    by_rollout: dict[int, list[tuple[int, UpdateState, int]]] = defaultdict(list)
+    by_rollout: dict[int, list[tuple[int, UpdateState, int, bool]]] = defaultdict(list)
     for r in expired:
-        by_rollout[r.rollout_id].append((r.id, UpdateState(r.state), r.attempt))
+        by_rollout[r.rollout_id].append(
+            (r.id, UpdateState(r.state), r.attempt, r.stop_requested_at is not None)
+        )
     ended: list[int] = []
     retrying: set[int] = set()
 
     def time_out(rollout_id: int) -> None:
-        groups: dict[tuple[UpdateState, int], list[int]] = defaultdict(list)
-        for update_id, state, attempt in by_rollout[rollout_id]:
-            groups[(state, attempt)].append(update_id)
+        groups: dict[tuple[UpdateState, int, bool], list[int]] = defaultdict(list)
+        for update_id, state, attempt, stopping in by_rollout[rollout_id]:
+            groups[(state, attempt, stopping)].append(update_id)
         with rt.sessions() as session:
             policy = rollout_policy(session.get_one(Rollout, rollout_id))
-            for (state, attempt), ids in groups.items():
-                # A rollback that never confirms ends the update; the device has nothing to retry.
-                retry = attempt < policy.max_attempts and state != UpdateState.ROLLING_BACK
+            for (state, attempt, stopping), ids in groups.items():
+                # No new attempt after a rollback that never confirmed, or for a device asked to stop.
+                retry = attempt < policy.max_attempts and state != UpdateState.ROLLING_BACK and not stopping
                 due = now + timedelta(seconds=policy.backoff(attempt))
                 # The deadline in the WHERE clause too: a report that moved the row on meanwhile wins.
                 moved = bulk_transition_where(
@@ -321,7 +329,9 @@ def _redrive(rt: Runtime, stats: Counter[str]) -> None:
     due = DeviceUpdate.redrive_at.is_(None) | (DeviceUpdate.redrive_at <= now)
     with rt.sessions() as session:
         rows = session.execute(
-            select(DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.updated_at)
+            select(
+                DeviceUpdate.id, DeviceUpdate.state, DeviceUpdate.updated_at, DeviceUpdate.stop_requested_at
+            )
             .where(
                 (DeviceUpdate.state.in_(_OUR_MOVE) & (DeviceUpdate.updated_at < now - stall))
                 | (
@@ -356,8 +366,9 @@ def _redrive(rt: Runtime, stats: Counter[str]) -> None:
                 ],
             )
             session.commit()
-    verified = [r.id for r in rows if r.state == UpdateState.VERIFIED]
-    others = [r.id for r in rows if r.state != UpdateState.VERIFIED]
+    # A stop request turns any stage into the cancel document, which republish sends.
+    verified = [r.id for r in rows if r.state == UpdateState.VERIFIED and r.stop_requested_at is None]
+    others = [r.id for r in rows if r.id not in set(verified)]
     try:
         if others:
             rt.dispatch.republish(others)

@@ -39,6 +39,7 @@ from orchestrator.state_machines import (
     UPDATE_AWAITING_INSTALL,
     UPDATE_END_STATES,
     UPDATE_FAILURE_STATES,
+    UPDATE_STOPPABLE,
     RolloutState,
     UpdateState,
 )
@@ -51,6 +52,9 @@ _INSTALL_STAGE = tuple(s for s in UPDATE_AWAITING_INSTALL if s != UpdateState.VE
 def _publish_stage(
     rt: Runtime, update_ids: Sequence[int], states: Sequence[UpdateState], stage: Stage
 ) -> int:
+    """The ``stage`` document for each of ``update_ids`` in ``states``. Rows an operator asked to
+    stop get stage ``cancel`` only (and only while they are stoppable)."""
+    stopping = stage is Stage.CANCEL
     with rt.sessions() as session:
         rows = session.execute(
             select(
@@ -63,7 +67,13 @@ def _publish_stage(
                 Rollout.policy,
             )
             .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
-            .where(DeviceUpdate.id.in_(list(update_ids)), DeviceUpdate.state.in_(states))
+            .where(
+                DeviceUpdate.id.in_(list(update_ids)),
+                DeviceUpdate.state.in_(states),
+                DeviceUpdate.stop_requested_at.is_not(None)
+                if stopping
+                else DeviceUpdate.stop_requested_at.is_(None),
+            )
         ).all()
     messages = []
     for update_id, attempt, device_id, firmware_id, rollout_id, created_at, policy_doc in rows:
@@ -102,7 +112,11 @@ def install(rt: Runtime, update_ids: Sequence[int]) -> int:
         rows = session.execute(
             select(DeviceUpdate.id, Rollout.id, Rollout.created_at, Rollout.policy)
             .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
-            .where(DeviceUpdate.id.in_(list(update_ids)), DeviceUpdate.state == UpdateState.VERIFIED)
+            .where(
+                DeviceUpdate.id.in_(list(update_ids)),
+                DeviceUpdate.state == UpdateState.VERIFIED,
+                DeviceUpdate.stop_requested_at.is_(None),  # an operator asked it to stop: never install
+            )
         ).all()
         waiting: dict[datetime, list[int]] = defaultdict(list)
         install_timeout: dict[datetime, float] = {}
@@ -136,9 +150,11 @@ def install(rt: Runtime, update_ids: Sequence[int]) -> int:
 def republish(rt: Runtime, update_ids: Sequence[int]) -> int:
     """Send each in-flight update's current stage document again (lost document, or lost report).
 
-    A VERIFIED update goes through :func:`install`, so a re-send never installs outside a window.
+    A VERIFIED update goes through :func:`install`, so a re-send never installs outside a window;
+    an update an operator asked to stop gets stage ``cancel`` instead of its stage.
     """
-    told = _publish_stage(rt, update_ids, _DOWNLOAD_STAGE, Stage.DOWNLOAD)
+    told = _publish_stage(rt, update_ids, UPDATE_STOPPABLE, Stage.CANCEL)
+    told += _publish_stage(rt, update_ids, _DOWNLOAD_STAGE, Stage.DOWNLOAD)
     told += install(rt, update_ids)
     told += _publish_stage(rt, update_ids, _INSTALL_STAGE, Stage.INSTALL)
     told += _publish_stage(rt, update_ids, (UpdateState.SOAKING,), Stage.SOAK)

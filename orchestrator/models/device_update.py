@@ -40,6 +40,9 @@ class DeviceUpdate(Base):
     redrive_at: Mapped[datetime | None] = mapped_column(
         doc="earliest time the reconciler may re-send this update's current step again"
     )
+    stop_requested_at: Mapped[datetime | None] = mapped_column(
+        doc="an operator asked the device to stop; no install stage is sent after this"
+    )
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Workers, ingest and the reconciler all write here: every change is a compare-and-set on this.
     version: Mapped[int] = mapped_column(default=1)

@@ -83,6 +83,20 @@ def test_operator_targets_a_tagged_group_with_a_window_and_a_rate(api: ApiOnly, 
         cwd=tmp_path,
     )
     assert_failed(bad_zone, "Mars/Olympus")
+    # One device not offered yet (no worker runs here) can be canceled, but not stopped or retried
+    assert "CANCELED" in cli("rollout", "device", "cancel", rollout_id, ids[0], "--yes")
+    assert_failed(
+        run_cli(
+            "rollout", "device", "stop", rollout_id, ids[1], "--yes", api_url=url, token=token, cwd=tmp_path
+        ),
+        "cancel it instead",
+    )
+    assert_failed(
+        run_cli(
+            "rollout", "device", "retry", rollout_id, ids[0], "--yes", api_url=url, token=token, cwd=tmp_path
+        ),
+        "only FAILED or TIMED_OUT",
+    )
     # The operator's own actions are in the audit log
     log = cli("audit", "--target", "group", "--limit", "5")
     assert "group.create" in log and "api:cli-test" in log
