@@ -29,15 +29,22 @@ class PortalConfig(BaseModel):
     mqtt_username: str | None = Field(None, description="read-only broker user (null: anonymous)")
     mqtt_password: str | None = None
     topic_prefix: str = Field(PORTAL_TOPIC_PREFIX, description="the portal user may read only below this")
+    role: str = Field(
+        examples=["viewer"], description="the token's role: the page shows write controls to operators"
+    )
+    token_name: str = Field(examples=["ops-alice"])
 
 
 @router.get("/config", response_model=PortalConfig)
-def portal_config(settings: AppSettings, _: Viewer) -> PortalConfig:
-    """Where and how the browser subscribes to live rollout progress (MQTT over WebSockets)."""
+def portal_config(settings: AppSettings, token: Viewer) -> PortalConfig:
+    """Where and how the browser subscribes to live rollout progress (MQTT over WebSockets), and
+    the signed-in token's role (the API enforces it either way)."""
     return PortalConfig(
         mqtt_ws_url=settings.portal_mqtt_ws_url,
         mqtt_username=settings.portal_mqtt_username,
         mqtt_password=settings.portal_mqtt_password,
+        role=token.role,
+        token_name=token.name,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from orchestrator.db import session_scope
-from orchestrator.policy import DeviceFilter
+from orchestrator.policy import DeviceFilter, RolloutPolicy
 from orchestrator.services.device_service import set_tags
 from orchestrator.services.group_service import create_group
 from tests.integration.harness import QUICK_REAL, Harness
@@ -219,4 +219,72 @@ def test_portal_sets_and_shows_a_window_a_rate_and_skip_reasons(
     assert "2 incompatible" in page.locator("#rollout-skipped").inner_text()
     assert page.locator("#rollout-windows").inner_text().count(" to ") == 1  # one interval: start to end
     context.close()
+    assert console_errors == []
+
+
+def test_portal_per_device_actions_roles_and_the_audit_page(
+    portal_harness: Harness, browser: Any, artifacts: Path
+) -> None:
+    # Given six slow devices, one of which always gets corrupt bytes, one slot, one attempt each
+    h = portal_harness
+    slow = {**QUICK_REAL, "install_time": "1.0:1.5"}
+    h.start_fleet(5, prefix="act-a-", params=slow)
+    h.start_fleet(1, prefix="act-0-", params=slow, fail_rates={"corrupt": 1.0}, seed=11)  # offered first
+    rollout_id = h.start_rollout("act-", RolloutPolicy(waves=["100%"], max_in_flight=1, max_attempts=1))
+    operator = make_token(h.database_url, "operator", name="ops-web")
+    viewer = make_token(h.database_url, "viewer", name="watcher")
+    base = h.stack.api_url
+    console_errors: list[str] = []
+
+    def page_for(secret: str) -> Any:
+        context = browser.new_context(viewport=DESKTOP)
+        context.add_init_script(f"localStorage.setItem('fleet.portal.token', {secret!r})")
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: console_errors.append(str(e)))
+        return page
+
+    # When the operator cancels the last queued device from the "not offered yet" list
+    page = page_for(operator)
+    page.goto(f"{base}/#/rollouts/{rollout_id}")
+    last = "act-a-00004"
+    page.wait_for_selector(f"#waiting-table tr[data-device='{last}'] [data-device-action=cancel]")
+    page.click(f"#waiting-table tr[data-device='{last}'] [data-device-action=cancel]")
+    assert "not been offered" in page.locator("#confirm-text").inner_text()
+    page.click("#confirm-ok")
+    page.wait_for_selector("#device-action-result")
+    # Then it is CANCELED, and the corrupt device, once it has failed, can be retried
+    assert {u.device_id: str(u.state) for u in h.updates(rollout_id)}[last] == "CANCELED"
+    failing = "act-0-00000"
+    retry = f"#device-table tr[data-device='{failing}'] [data-device-action=retry]"
+    page.wait_for_selector(retry, timeout=60_000)
+    page.click(retry)
+    assert "new attempt" in page.locator("#confirm-text").inner_text()
+    page.click("#confirm-ok")
+    page.wait_for_function(
+        "document.querySelector('#device-action-result')?.textContent.includes('attempt 2')"
+    )
+    page.screenshot(path=str(artifacts / "rollout-device-actions-1280x800.png"), full_page=True)
+    # And the audit page lists both, with the operator's token
+    page.goto(f"{base}/#/audit")
+    page.wait_for_selector("#audit-table tr[data-action='device.retry']")
+    text = page.locator("#audit-table").inner_text()
+    assert "device.cancel" in text and "api:ops-web" in text and f"device:{failing}" in text
+    page.fill("#audit-action", "device.cancel")
+    page.click("#audit-form button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#audit-table tbody tr').length === 1")
+    page.screenshot(path=str(artifacts / "audit-1280x800.png"), full_page=True)
+    # And a viewer sees the same rollout without a single write control
+    watcher = page_for(viewer)
+    watcher.goto(f"{base}/#/rollouts/{rollout_id}")
+    watcher.wait_for_selector("#rollout-summary[data-source=mqtt]")
+    watcher.wait_for_selector("#device-table tbody tr")
+    assert (
+        watcher.locator("#action-pause, #action-abort, [data-device-action], a[data-nav=new]:visible").count()
+        == 0
+    )
+    watcher.goto(f"{base}/#/rollouts/new")
+    watcher.wait_for_selector("#viewer-notice")
+    assert watcher.locator("#rollout-form").count() == 0
     assert console_errors == []

@@ -267,6 +267,25 @@
     });
   }
 
+  // ------------------------------------------------------------------ who is signed in
+  // The API enforces roles on every call; the page only hides what a viewer may not do.
+  const me = { role: null, name: null };
+
+  async function whoAmI() {
+    if (!me.role) {
+      const config = await api("/v1/portal/config");
+      me.role = config.role;
+      me.name = config.token_name;
+    }
+    document.body.dataset.role = me.role;
+    for (const link of document.querySelectorAll("[data-write]")) link.hidden = me.role !== "operator";
+    return me;
+  }
+
+  function canWrite() {
+    return me.role === "operator";
+  }
+
   // ------------------------------------------------------------------ views
   function loginView(message) {
     const input = h("input", {
@@ -306,6 +325,8 @@
 
   function logout(message) {
     localStorage.removeItem(TOKEN_KEY);
+    me.role = null;
+    me.name = null;
     stopMqtt();
     document.getElementById("nav").hidden = true;
     document.getElementById("logout").hidden = true;
@@ -383,13 +404,54 @@
       h("td", { class: "hide-sm" }, fmtTime(r.created_at))));
     show(
       h("div", { class: "rollout-head" }, h("h1", {}, "Rollouts"),
-        h("div", { class: "actions" }, h("a", { class: "button", href: "#/rollouts/new" }, "New rollout"))),
+        canWrite() ? h("div", { class: "actions" }, h("a", { class: "button", href: "#/rollouts/new" }, "New rollout"))
+          : null),
       h("div", { class: "panel table-wrap" },
         h("table", { id: "rollout-table" },
           h("thead", {}, h("tr", {}, h("th", { class: "num" }, "ID"), h("th", {}, "Name"), h("th", {}, "Status"),
             h("th", { class: "num" }, "Devices"), h("th", { class: "hide-sm" }, "Created"))),
           h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 5 }, "No rollouts yet."))))),
     );
+  }
+
+  async function auditView() {
+    const filters = { action: "", actor: "", target: "", outcome: "" };
+    const inputs = Object.fromEntries(Object.keys(filters).map((k) => [k, h("input", {
+      id: `audit-${k}`, name: k,
+      placeholder: { action: "rollout.*", actor: "api:ops", target: "rollout:7", outcome: "forbidden" }[k],
+    })]));
+    const table = h("div", { class: "panel table-wrap" });
+    async function load() {
+      const params = new URLSearchParams({ limit: "200" });
+      for (const key of ["action", "actor", "outcome"]) if (inputs[key].value.trim()) params.set(key, inputs[key].value.trim());
+      const target = inputs.target.value.trim();
+      if (target) {
+        const [kind, id] = target.split(":");
+        params.set("target_kind", kind);
+        if (id) params.set("target_id", id);
+      }
+      const body = await api(`/v1/audit?${params}`);
+      fill(table, h("table", { id: "audit-table" },
+        h("thead", {}, h("tr", {}, h("th", {}, "When"), h("th", {}, "Actor"), h("th", {}, "Action"),
+          h("th", {}, "Target"), h("th", {}, "Outcome"), h("th", { class: "hide-sm" }, "Detail"))),
+        h("tbody", {}, body.items.length ? body.items.map((e) => h("tr", { "data-action": e.action },
+          h("td", {}, fmtTime(e.created_at)), h("td", {}, e.actor), h("td", {}, e.action),
+          h("td", {}, e.target_id ? `${e.target_kind}:${e.target_id}` : (e.target_kind || "—")),
+          h("td", { class: e.outcome === "ok" ? "" : "error" }, e.outcome),
+          h("td", { class: "hide-sm muted" }, e.detail ? Object.entries(e.detail).map(([k, v]) =>
+            `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ") : "")))
+          : h("tr", {}, h("td", { colspan: 6 }, "No entries.")))));
+    }
+    const form = h("form", { class: "panel form-grid", id: "audit-form", onsubmit: async (event) => {
+      event.preventDefault();
+      await load();
+    } },
+    ...Object.entries(inputs).map(([k, input]) => h("label", {}, k[0].toUpperCase() + k.slice(1), input)),
+    h("div", { class: "actions" }, h("button", { type: "submit" }, "Filter")));
+    show(h("h1", {}, "Audit log"),
+      h("p", { class: "muted" }, "Every write through the API, whatever its outcome, and the engine's own " +
+        "actions. Entries are never changed."), form, table);
+    await load();
   }
 
   function parseLabels(text) {
@@ -589,6 +651,32 @@
     },
   };
 
+  const DEVICE_ACTIONS = {
+    retry: {
+      label: "Retry",
+      states: ["FAILED", "TIMED_OUT"],
+      title: (d) => `Retry ${d}?`,
+      text: "The device gets a new attempt in this rollout, offered as the policy allows. A device that " +
+        "failed while installing is not retried: it never installs the same update twice.",
+      done: "new attempt queued",
+    },
+    cancel: {
+      label: "Cancel",
+      states: ["PENDING", "QUEUED"],
+      title: (d) => `Cancel ${d}'s update?`,
+      text: "The device has not been offered the update yet and will not be. This cannot be undone.",
+      done: "canceled",
+    },
+    stop: {
+      label: "Stop",
+      states: ["OFFERED", "DOWNLOADING", "DOWNLOADED", "VERIFIED"],
+      title: (d) => `Ask ${d} to stop?`,
+      text: "The device drops the download and its update ends CANCELED. If it has already begun " +
+        "installing by the time it hears this, the install finishes: an install is never interrupted.",
+      done: "stop requested",
+    },
+  };
+
   async function rolloutView(rolloutId) {
     const state = { detail: null, summary: null, devices: new Map(), renderQueued: false, error: null };
     const head = h("div", { class: "rollout-head" });
@@ -596,7 +684,56 @@
     const wavesPanel = h("div", { class: "panel" });
     const devicesPanel = h("div", { class: "panel" });
     const message = h("div", { id: "action-error" });
-    show(head, message, overview, wavesPanel, devicesPanel);
+    const waitingPanel = h("div", { class: "panel", id: "waiting-panel" });
+    show(head, message, overview, wavesPanel, waitingPanel, devicesPanel);
+
+    function deviceButtons(deviceId, deviceState) {
+      const action = Object.entries(DEVICE_ACTIONS).find(([, spec]) => spec.states.includes(deviceState));
+      if (!action) return null;
+      const [name, spec] = action;
+      return h("button", {
+        type: "button",
+        class: name === "retry" ? "secondary small" : "danger small",
+        "data-device-action": name,
+        "data-device": deviceId,
+        onclick: async () => {
+          if (!(await confirmAction(spec.title(deviceId), spec.text, spec.label))) return;
+          message.replaceChildren();
+          try {
+            const row = await api(`/v1/rollouts/${rolloutId}/devices/${encodeURIComponent(deviceId)}/${name}`,
+              { method: "POST" });
+            message.replaceChildren(h("p", { class: "notice", id: "device-action-result" },
+              `${deviceId}: ${spec.done} (${row.state}, attempt ${row.attempt})`));
+            const shown = state.devices.get(deviceId);
+            if (shown) {
+              // Show the answer at once; the next live document (e.g. the new offer) replaces it.
+              state.devices.set(deviceId, { ...shown, state: row.state, attempt: row.attempt,
+                progress: row.progress, error: row.error_code, ts: Date.now() / 1000 });
+              scheduleRender();
+            }
+            await loadWaiting();
+          } catch (err) {
+            message.replaceChildren(errorBox(err));
+          }
+        },
+      }, spec.label);
+    }
+
+    // Devices not offered yet have no live document: list a page of them from the API.
+    async function loadWaiting() {
+      const pages = await Promise.all(["QUEUED", "PENDING"].map((st) =>
+        api(`/v1/rollouts/${rolloutId}/devices?state=${st}&limit=50`)));
+      const waiting = pages.flatMap((p) => p.items);
+      fill(waitingPanel,
+        h("h2", {}, `Not offered yet (${waiting.length}${waiting.length >= 50 ? "+" : ""})`),
+        waiting.length ? h("div", { class: "table-wrap" }, h("table", { id: "waiting-table" },
+          h("tbody", {}, waiting.map((d) => h("tr", { "data-device": d.device_id },
+            h("td", {}, d.device_id), h("td", {}, badge(d.state)),
+            canWrite() ? h("td", { class: "row-actions" }, deviceButtons(d.device_id, d.state)) : null)))))
+          : h("p", { class: "muted" }, "Every device has been offered the update."));
+      waitingPanel.hidden = waiting.length === 0 && !waitingPanel.dataset.shown;
+      waitingPanel.dataset.shown = waitingPanel.dataset.shown || (waiting.length ? "1" : "");
+    }
 
     function current() {
       // The retained summary is the live truth; the REST detail fills in until it arrives.
@@ -644,7 +781,7 @@
       fill(head, 
         h("h1", { id: "rollout-name" }, c.name),
         h("span", { id: "rollout-status", "data-status": c.status }, badge(c.status)),
-        h("div", { class: "actions" }, actionButtons(c.status)),
+        canWrite() ? h("div", { class: "actions" }, actionButtons(c.status)) : null,
       );
       const ended = Object.entries(c.counts).filter(([k]) => END_STATES.has(k)).reduce((a, [, v]) => a + v, 0);
       const countNodes = STATE_ORDER.filter((k) => c.counts[k]).map((k) =>
@@ -684,7 +821,8 @@
           h("span", {}, `${d.progress || 0}%`)),
         h("td", { class: "num hide-sm" }, d.attempt),
         h("td", { class: "hide-sm" }, d.running_version || "—"),
-        h("td", { class: d.error ? "error" : "muted" }, d.error || "—")));
+        h("td", { class: d.error ? "error" : "muted" }, d.error || "—"),
+        canWrite() ? h("td", { class: "row-actions" }, deviceButtons(d.device_id, d.state)) : null));
       fill(devicesPanel, 
         h("h2", {}, `Devices (${devices.length})`),
         devices.length > MAX_DEVICE_ROWS
@@ -693,7 +831,7 @@
           h("table", { id: "device-table" },
             h("thead", {}, h("tr", {}, h("th", {}, "Device"), h("th", {}, "State"), h("th", {}, "Progress"),
               h("th", { class: "num hide-sm" }, "Attempt"), h("th", { class: "hide-sm" }, "Running"),
-              h("th", {}, "Error"))),
+              h("th", {}, "Error"), canWrite() ? h("th", {}, "Actions") : null)),
             h("tbody", {}, rows))),
       );
     }
@@ -721,10 +859,15 @@
     try {
       state.detail = await api(`/v1/rollouts/${rolloutId}`);
       scheduleRender();
+      await loadWaiting();
     } catch (err) {
       message.replaceChildren(errorBox(err));
     }
-    return unsubscribe;
+    const poll = setInterval(() => loadWaiting().catch(() => {}), 3000);
+    return () => {
+      clearInterval(poll);
+      unsubscribe();
+    };
   }
 
   // ------------------------------------------------------------------ routing
@@ -743,6 +886,12 @@
     }
     document.getElementById("nav").hidden = false;
     document.getElementById("logout").hidden = false;
+    try {
+      await whoAmI();
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 401)) show(errorBox(err));
+      return;
+    }
     const hash = location.hash.replace(/^#/, "") || "/";
     const parts = hash.split("/").filter(Boolean);
     let nav = "overview";
@@ -751,6 +900,13 @@
         nav = "firmware";
         markNav(nav);
         await firmwareView();
+      } else if (parts[0] === "audit") {
+        nav = "audit";
+        markNav(nav);
+        await auditView();
+      } else if (parts[0] === "rollouts" && parts[1] === "new" && !canWrite()) {
+        show(h("h1", {}, "New rollout"), h("p", { class: "notice", id: "viewer-notice" },
+          "This token is a viewer: it can watch rollouts but not create them. Sign in with an operator token."));
       } else if (parts[0] === "rollouts" && parts[1] === "new") {
         nav = "new";
         markNav(nav);
