@@ -1,4 +1,4 @@
-"""audit log, stop requests
+"""audit log, stop requests, events by device
 
 Revision ID: 0005
 Revises: 0004
@@ -34,6 +34,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("device_updates") as batch:
         batch.add_column(sa.Column("stop_requested_at", sa.DateTime(timezone=True), nullable=True))
+    with op.batch_alter_table("events") as batch:
+        batch.create_index("ix_events_device", ["device_id", "id"])
     with op.batch_alter_table("audit_entries") as batch:
         batch.create_index("ix_audit_entries_action", ["action", "id"])
         batch.create_index("ix_audit_entries_target", ["target_kind", "target_id", "id"])
@@ -43,5 +45,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("audit_entries")
+    with op.batch_alter_table("events") as batch:
+        batch.drop_index("ix_events_device")
     with op.batch_alter_table("device_updates") as batch:
         batch.drop_column("stop_requested_at")

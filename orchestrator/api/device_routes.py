@@ -14,6 +14,7 @@ from orchestrator.api.schemas import (
     DeviceHistoryItem,
     DeviceOut,
     DevicePage,
+    EventOut,
     Name,
     Tag,
     TagChange,
@@ -64,6 +65,7 @@ def list_devices(
     tag: Annotated[
         list[Tag], Query(max_length=20, description="operator tag, repeatable; a device must carry every one")
     ] = [],  # noqa: B006 - FastAPI copies query defaults
+    q: Annotated[str | None, Query(min_length=1, max_length=128, description="part of the device id")] = None,
     cursor: Annotated[
         str | None, Query(max_length=512, description="next_cursor of the previous page")
     ] = None,
@@ -77,6 +79,7 @@ def list_devices(
         labels=query_service.parse_label_filters(label),
         online=online,
         tags=tag,
+        search=q,
         cursor=cursor,
         limit=limit,
     )
@@ -110,9 +113,11 @@ def get_device(
     session: DbSession,
     _: Viewer,
     history: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="at most this many updates")] = 20,
+    events: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="at most this many events")] = 50,
 ) -> DeviceDetail:
-    """One device and its updates across rollouts, newest first."""
+    """One device, its updates across rollouts and its latest events (its timeline), newest first."""
     device, entries = query_service.device_history(session, device_id, limit=history)
+    timeline = query_service.device_events(session, device_id, limit=events)
     updates = [
         DeviceHistoryItem(
             update_id=e.update.id,
@@ -131,4 +136,8 @@ def get_device(
         )
         for e in entries
     ]
-    return DeviceDetail(**DeviceOut.model_validate(device).model_dump(), updates=updates)
+    return DeviceDetail(
+        **DeviceOut.model_validate(device).model_dump(),
+        updates=updates,
+        events=[EventOut.model_validate(e) for e in timeline],
+    )

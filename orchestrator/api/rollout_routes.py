@@ -17,11 +17,13 @@ from orchestrator.api.schemas import (
     DeviceUpdatePage,
     EventOut,
     EventPage,
+    Name,
     Pacing,
     RolloutCreate,
     RolloutDetail,
     RolloutOut,
     RolloutPage,
+    Tag,
     WaveProgress,
     errors,
 )
@@ -101,11 +103,31 @@ def rollout_devices(
     session: DbSession,
     _: Viewer,
     state: Annotated[UpdateState | None, Query(description="only device updates in this state")] = None,
+    error_code: Annotated[
+        str | None, Query(max_length=32, description="only updates that ended with it")
+    ] = None,
+    model: Annotated[Name | None, Query(description="device model")] = None,
+    version: Annotated[Name | None, Query(description="running firmware version")] = None,
+    online: Annotated[bool | None, Query(description="device online (true) or offline (false)")] = None,
+    tag: Annotated[list[Tag], Query(max_length=20, description="operator tag, repeatable")] = [],  # noqa: B006
+    q: Annotated[str | None, Query(min_length=1, max_length=128, description="part of the device id")] = None,
     cursor: Cursor = None,
     limit: Limit = 100,
 ) -> DeviceUpdatePage:
-    """The rollout's device updates ordered by device id."""
-    page = query_service.list_rollout_updates(session, rollout_id, state=state, cursor=cursor, limit=limit)
+    """The rollout's device updates ordered by device id, filtered; cursor pagination over any size."""
+    page = query_service.list_rollout_updates(
+        session,
+        rollout_id,
+        state=state,
+        error_code=error_code,
+        model=model,
+        version=version,
+        online=online,
+        tags=tag,
+        search=q,
+        cursor=cursor,
+        limit=limit,
+    )
     items = [
         DeviceUpdateOut(
             id=row.update.id,

@@ -100,6 +100,9 @@ class DeviceHistoryItem(BaseModel):
 
 class DeviceDetail(DeviceOut):
     updates: list[DeviceHistoryItem] = Field(description="updates across rollouts, newest first")
+    events: list[EventOut] = Field(
+        default_factory=list, description="latest events of the device, newest first"
+    )
 
 
 class DevicePage(BaseModel):

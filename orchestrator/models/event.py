@@ -16,6 +16,7 @@ class Event(Base):
     __table_args__ = (
         Index("ix_events_update", "device_update_id", "id"),
         Index("ix_events_rollout", "rollout_id", "id"),
+        Index("ix_events_device", "device_id", "id"),
     )
 
     # BIGINT on PostgreSQL; SQLite only auto-increments an INTEGER primary key.

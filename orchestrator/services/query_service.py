@@ -120,26 +120,17 @@ def parse_label_filters(specs: Sequence[str]) -> dict[str, str]:
     return labels
 
 
-def list_devices(
-    session: Session,
+def _device_filters(
+    query: Any,
     *,
     model: str | None = None,
     version: str | None = None,
     labels: dict[str, str] | None = None,
     online: bool | None = None,
     tags: list[str] | None = None,
-    cursor: str | None = None,
-    limit: int = 100,
-) -> Page[Device]:
-    """Devices ordered by id, matching every given filter (labels: all pairs must match).
-
-    Preconditions: 1 <= limit <= MAX_LIMIT; label keys match LABEL_KEY_PATTERN.
-    """
-    _check_limit(limit)
-    after = decode_cursor("devices", cursor, str)
-    query = select(Device).order_by(Device.id).limit(limit + 1)
-    if after is not None:
-        query = query.where(Device.id > after)
+    search: str | None = None,
+) -> Any:
+    """``query`` (which selects from or joins ``devices``) narrowed by every given device filter."""
     if model is not None:
         query = query.where(Device.model == model)
     if version is not None:
@@ -155,7 +146,46 @@ def list_devices(
             raise InvalidInput(f"tag {tag[:70]!r} must match {LABEL_KEY_PATTERN}", field="tag")
         # The JSON text holds each tag in quotes, and the pattern admits no quote: a portable test.
         query = query.where(cast(Device.tags, String).contains(f'"{tag}"', autoescape=True))
+    if search:
+        query = query.where(Device.id.contains(search, autoescape=True))
+    return query
+
+
+def list_devices(
+    session: Session,
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    labels: dict[str, str] | None = None,
+    online: bool | None = None,
+    tags: list[str] | None = None,
+    search: str | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> Page[Device]:
+    """Devices ordered by id, matching every given filter (labels: all pairs must match).
+
+    Preconditions: 1 <= limit <= MAX_LIMIT; label keys match LABEL_KEY_PATTERN.
+    """
+    _check_limit(limit)
+    after = decode_cursor("devices", cursor, str)
+    query = select(Device).order_by(Device.id).limit(limit + 1)
+    if after is not None:
+        query = query.where(Device.id > after)
+    query = _device_filters(
+        query, model=model, version=version, labels=labels, online=online, tags=tags, search=search
+    )
     return _page(session.scalars(query).all(), limit, "devices", lambda d: d.id)
+
+
+def device_events(session: Session, device_id: str, *, limit: int = 50) -> list[Event]:
+    """The device's latest events (reports, transitions, operator and inventory), newest first."""
+    _check_limit(limit)
+    return list(
+        session.scalars(
+            select(Event).where(Event.device_id == device_id).order_by(Event.id.desc()).limit(limit)
+        )
+    )
 
 
 def device_history(session: Session, device_id: str, *, limit: int = 20) -> tuple[Device, list[HistoryEntry]]:
@@ -219,10 +249,17 @@ def list_rollout_updates(
     rollout_id: int,
     *,
     state: UpdateState | None = None,
+    error_code: str | None = None,
+    model: str | None = None,
+    version: str | None = None,
+    online: bool | None = None,
+    tags: list[str] | None = None,
+    search: str | None = None,
     cursor: str | None = None,
     limit: int = 100,
 ) -> Page[UpdateRow]:
-    """A rollout's device updates ordered by device id, optionally in one state; NotFound if no rollout."""
+    """A rollout's device updates ordered by device id, filtered by the update's state and error
+    and by the device's model, running version, presence, tags and id; NotFound if no rollout."""
     _check_limit(limit)
     get_rollout(session, rollout_id)
     after = decode_cursor(f"rollout-{rollout_id}-devices", cursor, str)
@@ -237,6 +274,17 @@ def list_rollout_updates(
         query = query.where(DeviceUpdate.device_id > after)
     if state is not None:
         query = query.where(DeviceUpdate.state == state)
+    if error_code is not None:
+        query = query.where(DeviceUpdate.error_code == error_code)
+    if any(v is not None for v in (model, version, online, search)) or tags:
+        query = _device_filters(
+            query.join(Device, Device.id == DeviceUpdate.device_id),
+            model=model,
+            version=version,
+            online=online,
+            tags=tags,
+            search=search,
+        )
     rows = [UpdateRow(du, index) for du, index in session.execute(query).tuples()]
     return _page(rows, limit, f"rollout-{rollout_id}-devices", lambda r: r.update.device_id)
 
