@@ -101,6 +101,10 @@ class Settings(BaseSettings):
         gt=0,
         description="the reconciler re-sends a step once its update has not moved this long",
     )
+    retention_days: int = Field(
+        default=90, ge=0, description="events and audit entries older than this are deleted (0: keep all)"
+    )
+    retention_interval_s: float = Field(default=3600.0, gt=0, description="how often retention runs")
     continuous_scan_s: float = Field(
         default=10.0, gt=0, description="how often a continuous rollout looks for devices that newly match"
     )

@@ -67,5 +67,10 @@ def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
                 "schedule": settings.reconcile_interval_s,
                 "options": {"expires": settings.reconcile_interval_s},
             },
+            "retention": {
+                "task": "fleet.retention",
+                "schedule": settings.retention_interval_s,
+                "options": {"expires": settings.retention_interval_s},
+            },
         }
     return app

@@ -23,6 +23,7 @@ KICK = "fleet.kick"
 CLOSE_WAVE = "fleet.close_wave"
 REPUBLISH = "fleet.republish"
 RECONCILE = "fleet.reconcile"
+RETENTION = "fleet.retention"
 
 # Devices per step message: big enough to amortize a message, small enough to bound a step's work.
 STEP_BATCH = 500

@@ -12,8 +12,17 @@ from celery import Task
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
-from orchestrator.engine import admission, reconciler, steps, waves
-from orchestrator.engine.dispatch import CLOSE_WAVE, FINALIZE, INSTALL, KICK, OFFER, RECONCILE, REPUBLISH
+from orchestrator.engine import admission, reconciler, retention, steps, waves
+from orchestrator.engine.dispatch import (
+    CLOSE_WAVE,
+    FINALIZE,
+    INSTALL,
+    KICK,
+    OFFER,
+    RECONCILE,
+    REPUBLISH,
+    RETENTION,
+)
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.mqtt_link import PublishFailed
 from orchestrator.worker import app
@@ -78,3 +87,8 @@ def close_wave(self: Task[Any, Any], wave_id: int) -> str | None:
 @app.task(name=RECONCILE, bind=True, acks_late=False)
 def reconcile(self: Task[Any, Any]) -> dict[str, int]:
     return reconciler.reconcile_once(runtime())
+
+
+@app.task(name=RETENTION, bind=True, acks_late=False)
+def purge(self: Task[Any, Any]) -> dict[str, int]:
+    return retention.purge_once(runtime())

@@ -324,3 +324,44 @@ def test_a_soak_passes_the_healthy_and_rolls_back_the_unhealthy_and_the_silent(
     assert counts(rt, rollout_id) == {"SUCCEEDED": 1, "ROLLED_BACK": 2}
     with rt.sessions() as session:
         assert str(session.get_one(Rollout, rollout_id).status) == "COMPLETED"
+
+
+# ====================================================================== retention
+def test_retention_deletes_old_trails_in_batches_but_not_of_a_rollout_in_progress(rt: Runtime) -> None:
+    from orchestrator.audit import record
+    from orchestrator.engine import retention
+    from orchestrator.models import AuditEntry, Event
+
+    # Given an ended rollout and a running one, each with events, and audit entries, all 100 days old
+    ended, _ = plan_rollout(rt, 3, RolloutPolicy(waves=["100%"]))
+    running, _ = plan_rollout(rt, 3, RolloutPolicy(waves=["100%"]))
+    old = utcnow() - timedelta(days=100)
+    with rt.sessions() as session:
+        session.execute(update(Rollout).where(Rollout.id == ended).values(status="COMPLETED"))
+        for rollout_id in (ended, running):
+            session.add_all(
+                Event(kind="operator", name="note", rollout_id=rollout_id, created_at=old) for _ in range(7)
+            )
+            record(
+                session, actor="system", action="rollout.halt", target_kind="rollout", target_id=rollout_id
+            )
+        record(session, actor="cli:root", action="token.create", target_kind="token", target_id=1)
+        record(session, actor="api:ops", action="group.create")
+        session.execute(update(AuditEntry).values(created_at=old))
+        session.commit()
+    # When retention runs with small batches
+    retention.BATCH = 4
+    try:
+        removed = retention.purge_once(rt)
+    finally:
+        retention.BATCH = 5000
+    # Then the ended rollout's trail is gone and the running one's kept, and so is the recent past
+    with rt.sessions() as session:
+        kept = session.scalars(
+            select(Event.rollout_id).where(Event.created_at < utcnow() - timedelta(days=90))
+        ).all()
+        audit = session.execute(select(AuditEntry.action, AuditEntry.target_id)).all()
+    assert set(kept) == {running} and len(kept) == 7
+    assert sorted(audit) == [("rollout.halt", str(running)), ("rollout.start", str(running))]
+    assert removed["audit_entries"] == 4 and removed["events"] >= 7
+    assert retention.purge_once(rt) == {"events": 0, "audit_entries": 0}
