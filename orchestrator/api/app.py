@@ -19,6 +19,7 @@ from orchestrator.api import (
     metrics,
     portal_routes,
     rollout_routes,
+    webhook_routes,
 )
 from orchestrator.api.audit_trail import AuditTrail
 from orchestrator.api.limits import BodyLimit
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(firmware_routes.router)
     v1.include_router(group_routes.router)
     v1.include_router(rollout_routes.router)
+    v1.include_router(webhook_routes.router)
     app.include_router(health_routes.router)
     app.include_router(metrics.router)
     app.include_router(v1)

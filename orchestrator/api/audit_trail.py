@@ -30,6 +30,8 @@ ACTIONS: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     ("POST", "/firmware/{firmware_id}/deprecate"): ("firmware.deprecate", "firmware", "firmware_id"),
     ("DELETE", "/firmware/{firmware_id}"): ("firmware.delete", "firmware", "firmware_id"),
     ("POST", "/groups"): ("group.create", "group", None),
+    ("POST", "/webhooks"): ("webhook.create", "webhook", None),
+    ("DELETE", "/webhooks/{webhook_id}"): ("webhook.delete", "webhook", "webhook_id"),
     ("DELETE", "/groups/{name}"): ("group.delete", "group", "name"),
     ("POST", "/rollouts"): ("rollout.create", "rollout", None),
     ("POST", "/rollouts/{rollout_id}/pause"): ("rollout.pause", "rollout", "rollout_id"),

@@ -337,6 +337,58 @@ class EventPage(BaseModel):
     next_cursor: str | None = None
 
 
+# ---------------------------------------------------------------- webhooks
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"url": "https://hooks.example.com/fleet", "events": ["rollout", "device_update"]}]
+        },
+    )
+
+    url: str = Field(max_length=2048, examples=["https://hooks.example.com/fleet"])
+    events: list[str] = Field(
+        min_length=1, max_length=2, description="rollout and/or device_update: their state changes"
+    )
+    description: Text | None = None
+
+
+class WebhookOut(_Out):
+    id: int
+    url: str
+    events: list[str]
+    description: str | None = None
+    active: bool
+    created_by: str
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(
+        description="signs every delivery (Fleet-Signature: t=…,v1=HMAC-SHA256(secret, t.body)); "
+        "shown only now"
+    )
+
+
+class WebhookDeliveryOut(_Out):
+    id: int
+    event_id: int
+    kind: str = Field(examples=["device_update.state"])
+    payload: dict[str, Any]
+    status: str = Field(examples=["DELIVERED"], description="PENDING | DELIVERED | FAILED")
+    attempts: int
+    last_status: int | None = None
+    last_error: str | None = None
+    next_attempt_at: datetime
+    delivered_at: datetime | None = None
+    created_at: datetime
+
+
+class WebhookDeliveryPage(BaseModel):
+    items: list[WebhookDeliveryOut]
+    next_cursor: str | None = None
+
+
 # ---------------------------------------------------------------- audit
 class AuditOut(_Out):
     id: int

@@ -17,6 +17,7 @@ from orchestrator.cli import (
     inventory_cmds,
     rollout_cmds,
     up_cmd,
+    webhook_cmds,
 )
 from orchestrator.cli.ca_cmd import ca_app
 from orchestrator.config import get_settings
@@ -29,6 +30,7 @@ app.add_typer(rollout_cmds.firmware_app, name="firmware")
 app.add_typer(rollout_cmds.rollout_app, name="rollout")
 app.add_typer(inventory_cmds.devices_app, name="devices")
 app.add_typer(inventory_cmds.group_app, name="group")
+app.add_typer(webhook_cmds.webhook_app, name="webhook")
 app.command("demo")(demo_cmd.demo)
 app.command("audit")(audit_cmd.audit)
 app.command("up")(up_cmd.up)

@@ -24,6 +24,9 @@ CLOSE_WAVE = "fleet.close_wave"
 REPUBLISH = "fleet.republish"
 RECONCILE = "fleet.reconcile"
 RETENTION = "fleet.retention"
+WEBHOOK_DELIVER = "fleet.webhook_deliver"
+# Deliveries per task: each may wait for a slow receiver, so a task stays short.
+WEBHOOK_BATCH = 25
 
 # Devices per step message: big enough to amortize a message, small enough to bound a step's work.
 STEP_BATCH = 500
@@ -71,6 +74,10 @@ class Dispatcher:
 
     def close_wave(self, wave_id: int) -> None:
         self.send(CLOSE_WAVE, wave_id)
+
+    def deliver_webhooks(self, delivery_ids: Sequence[int]) -> None:
+        for chunk in chunks(sorted(set(delivery_ids)), WEBHOOK_BATCH):
+            self.send(WEBHOOK_DELIVER, chunk)
 
 
 _senders: dict[str, Dispatcher] = {}

@@ -16,6 +16,7 @@ Each pass, every part on its own (a failure in one row or one part is logged and
   device that moved on answers with its current state: a report lost in a broker crash comes
   back). Each re-send pushes the next one out by as long as the row has been stalled, so a device
   that is merely offline or slow costs a handful of publishes, not one per pass;
+- fans new state changes out to webhook endpoints and sends new and due deliveries;
 - moves rollouts on: kicks RUNNING rollouts without a running wave, closes running waves with
   nothing open, admits queued devices into free slots, and marks active rollouts for a portal refresh.
 
@@ -34,6 +35,7 @@ from datetime import timedelta
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from orchestrator.engine import webhook_delivery
 from orchestrator.engine.admission import admit, in_flight_count
 from orchestrator.engine.dispatch import DispatchFailed
 from orchestrator.engine.lifetime import join_new_devices, scan_due, skip_unreached
@@ -72,6 +74,7 @@ def reconcile_once(rt: Runtime) -> dict[str, int]:
         _join_continuous,
         _redrive,
         _repair_rollouts,
+        _webhooks,
     ]
     for part in parts:
         try:
@@ -381,6 +384,19 @@ def _redrive(rt: Runtime, stats: Counter[str]) -> None:
         log.warning("reconcile: %s", exc)
     if unfinalized:
         stats["redrive_finalize"] += finalize(rt, unfinalized)
+
+
+def _webhooks(rt: Runtime, stats: Counter[str]) -> None:
+    """New state changes become deliveries; new and due ones go to the workers."""
+    created = webhook_delivery.fan_out(rt)
+    pending = webhook_delivery.take_due(rt)  # the new ones included
+    stats["webhooks_created"] += len(created)
+    if pending:
+        try:
+            rt.dispatch.deliver_webhooks(pending)
+            stats["webhooks_sent"] += len(pending)
+        except DispatchFailed as exc:
+            log.warning("reconcile: %s; webhook deliveries go out on a later pass", exc)
 
 
 def _repair_rollouts(rt: Runtime, stats: Counter[str]) -> None:

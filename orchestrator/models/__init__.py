@@ -10,6 +10,7 @@ from orchestrator.models.event import Event
 from orchestrator.models.firmware import Firmware
 from orchestrator.models.rollout import Rollout
 from orchestrator.models.wave import Wave
+from orchestrator.models.webhook import WebhookCursor, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiToken",
@@ -22,5 +23,8 @@ __all__ = [
     "Firmware",
     "Rollout",
     "Wave",
+    "WebhookCursor",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "utcnow",
 ]

@@ -12,7 +12,7 @@ from celery import Task
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
-from orchestrator.engine import admission, reconciler, retention, steps, waves
+from orchestrator.engine import admission, reconciler, retention, steps, waves, webhook_delivery
 from orchestrator.engine.dispatch import (
     CLOSE_WAVE,
     FINALIZE,
@@ -22,6 +22,7 @@ from orchestrator.engine.dispatch import (
     RECONCILE,
     REPUBLISH,
     RETENTION,
+    WEBHOOK_DELIVER,
 )
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.mqtt_link import PublishFailed
@@ -92,3 +93,9 @@ def reconcile(self: Task[Any, Any]) -> dict[str, int]:
 @app.task(name=RETENTION, bind=True, acks_late=False)
 def purge(self: Task[Any, Any]) -> dict[str, int]:
     return retention.purge_once(runtime())
+
+
+# Not retried by Celery: a failed delivery is rescheduled in SQL (with backoff) and re-sent by the reconciler.
+@app.task(name=WEBHOOK_DELIVER, bind=True)
+def deliver_webhooks(self: Task[Any, Any], delivery_ids: list[int]) -> int:
+    return webhook_delivery.deliver(runtime(), delivery_ids)

@@ -73,11 +73,14 @@ def test_openapi_operations_never_fail_on_the_server(
     rollout_id = client.post("/v1/rollouts", headers=operator, json=body).json()["id"]
     group = {"name": "seed-group", "filter": {"model": "sensor-v2"}}
     assert client.post("/v1/groups", headers=operator, json=group).status_code == 201
+    hook = {"url": "https://hooks.example.com/fleet", "events": ["rollout"]}
+    webhook_id = client.post("/v1/webhooks", headers=operator, json=hook).json()["id"]
     known = {
         "device_id": "dev-00000",
         "firmware_id": firmware_id,
         "rollout_id": rollout_id,
         "name": "seed-group",
+        "webhook_id": webhook_id,
     }
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
