@@ -85,6 +85,8 @@ def test_portal_config_returns_the_browser_broker_settings(client: TestClient, s
         "mqtt_username": "portal",
         "mqtt_password": "portal-secret",
         "topic_prefix": "fleet/v1/portal/",
+        "role": "viewer",
+        "token_name": "portal-test",
     }
 
 
