@@ -163,7 +163,7 @@ def _operator_token(database_url: str) -> str:
 
     with session_scope(database_url) as session:
         _token, secret = token_service.create_token(
-            session, name="fleet up operator", role=token_service.Role.OPERATOR
+            session, name="fleet up operator", role=token_service.Role.OPERATOR, actor="system:fleet-up"
         )
     return secret
 
