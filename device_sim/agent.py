@@ -120,7 +120,7 @@ class DeviceAgent(SoakSteps):
             await self.link.run()
         finally:
             self._cancel_task()
-            self._stop_heartbeats()
+            self._stop_heartbeats(force=True)
 
     async def stop(self, grace: float = 0.0) -> None:
         """Graceful shutdown: let an install/reboot in progress end (up to ``grace`` seconds),
@@ -129,15 +129,19 @@ class DeviceAgent(SoakSteps):
         if task is not None and grace > 0 and self._job is not None and self._job.phase in _BUSY:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), grace)
+        rollback = self._rollback_in_progress()
+        if rollback is not None and grace > 0:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(rollback), grace)
         self._cancel_task()
-        self._stop_heartbeats()
+        self._stop_heartbeats(force=True)
         await self.link.close()
 
     def kill(self) -> None:
         """Stop abruptly, as if the process died: no "offline", the broker fires the last will.
         Persisted state is left exactly as it was."""
         self._cancel_task()
-        self._stop_heartbeats()
+        self._stop_heartbeats(force=True)
         self.link.abort()
 
     def _on_connect(self, count: int) -> None:
@@ -191,6 +195,7 @@ class DeviceAgent(SoakSteps):
             return
         job = Job(update_id=d.update_id, attempt=d.attempt, firmware=d.firmware)
         job.install_requested = d.stage is Stage.INSTALL
+        job.install_before = d.install_before
         self._job = job
         self.state.job = job
         self._start(job)
@@ -203,6 +208,7 @@ class DeviceAgent(SoakSteps):
             job.attempt = d.attempt
             job.firmware = d.firmware  # the new attempt may carry a fresh download token
             job.install_requested = wants_install
+            job.install_before = d.install_before
             if job.phase == Phase.VERIFIED:
                 self._report(job.update_id, job.attempt, ReportState.VERIFIED, 100)
                 if wants_install and self._task is None:
@@ -215,6 +221,8 @@ class DeviceAgent(SoakSteps):
             return
         # Same attempt: a duplicate delivery, a token refresh, or the install stage.
         job.firmware = d.firmware
+        if wants_install:
+            job.install_before = d.install_before
         if wants_install and not job.install_requested:
             job.install_requested = True
             self.store.save(self.state)
@@ -287,7 +295,11 @@ class DeviceAgent(SoakSteps):
             self._plan = self._plan_for(job)
             if job.phase == Phase.DOWNLOAD and not await self._download_and_verify(job):
                 return
-            if job.phase == Phase.VERIFIED and job.install_requested:
+            if job.phase == Phase.VERIFIED and job.install_requested and self._window_closed(job):
+                # Too late to begin: say VERIFIED again and wait for the next install document.
+                job.install_requested = False
+                self._report(job.update_id, job.attempt, ReportState.VERIFIED, 100)
+            elif job.phase == Phase.VERIFIED and job.install_requested:
                 await self._install(job)
             elif job.phase == Phase.REBOOTING:
                 await self._confirm_boot(job, self._install_request(job))
@@ -305,6 +317,10 @@ class DeviceAgent(SoakSteps):
                 deferred, self._deferred = self._deferred, None
                 if deferred is not None:
                     self._on_desired(deferred)
+
+    @staticmethod
+    def _window_closed(job: Job) -> bool:
+        return job.install_before is not None and time.time() > job.install_before
 
     def _resume_after_restart(self) -> None:
         job = self.state.job

@@ -185,4 +185,9 @@ class CommandInstaller:
             proc.kill()
             await proc.wait()
             return -1, f"timed out after {self.timeout:.0f}s"
+        except asyncio.CancelledError:
+            # The agent is going down: leave no command running behind it.
+            if proc.returncode is None:
+                proc.kill()
+            raise
         return proc.returncode if proc.returncode is not None else -1, out.decode(errors="replace")

@@ -51,16 +51,31 @@ class SoakSteps(UpdateSteps):
             and getattr(running, "job", None) == (d.update_id, d.stage)
         ):
             return  # already beating for this update, or already rolling it back
+        if self._rollback_in_progress() is not None:
+            return  # a rollback is a reboot: nothing else starts before it ends
         self._stop_heartbeats()
         work = self._beat(done, d.heartbeat_s or 30.0) if d.stage is Stage.SOAK else self._roll_back(done)
         task = asyncio.get_running_loop().create_task(work)
         task.job = (d.update_id, d.stage)  # type: ignore[attr-defined]
         self._heartbeat = task
 
-    def _stop_heartbeats(self) -> None:
-        task, self._heartbeat = self._heartbeat, None
-        if task is not None:
-            task.cancel()
+    def _stop_heartbeats(self, *, force: bool = False) -> None:
+        """Stop the soak's heartbeats. A rollback under way is a reboot: it is left to finish unless
+        ``force`` (the process is going down)."""
+        task = self._heartbeat
+        if task is None:
+            return
+        rolling_back = getattr(task, "job", (None, None))[1] is Stage.ROLLBACK and not task.done()
+        if rolling_back and not force:
+            return
+        self._heartbeat = None
+        task.cancel()
+
+    def _rollback_in_progress(self) -> asyncio.Task[None] | None:
+        task = self._heartbeat
+        if task is not None and not task.done() and getattr(task, "job", (None, None))[1] is Stage.ROLLBACK:
+            return task
+        return None
 
     def _health_request(self, done: dict[str, Any]) -> InstallRequest:
         plan = plan_job(self.ctx.profile, self.ctx.seed, self.device_id, done["update_id"], done["attempt"])

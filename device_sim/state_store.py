@@ -43,6 +43,7 @@ class Job:
     phase: str = Phase.DOWNLOAD
     install_requested: bool = False
     offset: int = 0  # bytes of the image received so far (checkpointed at each progress report)
+    install_before: float | None = None  # the maintenance window closes: do not begin after this
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class Job:
             "phase": self.phase,
             "install_requested": self.install_requested,
             "offset": self.offset,
+            "install_before": self.install_before,
         }
 
     @classmethod
@@ -63,6 +65,7 @@ class Job:
             phase=str(data.get("phase", Phase.DOWNLOAD)),
             install_requested=bool(data.get("install_requested", False)),
             offset=int(data.get("offset", 0)),
+            install_before=data.get("install_before"),
         )
 
 

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         gt=0,
         description="the reconciler re-sends a step once its update has not moved this long",
     )
+    webhook_allow_loopback: bool = Field(
+        default=False, description="accept webhook URLs on this machine (plain http too): test receivers only"
+    )
     retention_days: int = Field(
         default=90, ge=0, description="events and audit entries older than this are deleted (0: keep all)"
     )

@@ -153,6 +153,9 @@ class Desired(_Message):
     stage: Stage
     firmware: FirmwareRef
     heartbeat_s: float | None = Field(None, gt=0, description="stage soak: seconds between health reports")
+    install_before: float | None = Field(
+        None, ge=0, description="stage install: unix time after which not to begin installing (window closes)"
+    )
 
 
 class Health(_Message):

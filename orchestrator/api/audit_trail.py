@@ -1,7 +1,8 @@
 """ASGI middleware that writes an audit entry for every write request to the API, whatever its outcome.
 
-It runs around the routes, so refused requests (401, 403, 409, 422 ...) are recorded as well as
-successful ones. The token's name and role come from the auth dependency (``request.state``); the
+It runs around the routes, so refused requests (403, 409, 422 ...) are recorded as well as
+successful ones; unauthenticated ones (401) are logged, not stored, so strangers cannot grow the
+table. The token's name and role come from the auth dependency (``request.state``); the
 target from the route's path parameters, or for a create from the new object's id in the response.
 """
 
@@ -86,6 +87,10 @@ class AuditTrail:
         path = getattr(route, "path", None)
         if path is None or status == 405:
             return None  # no route took the request (unknown path or method): nothing was attempted
+        if status == 401:
+            # Anyone can send these; a row each would let strangers grow the table. Logged instead.
+            log.info("audit: unauthenticated %s %s refused", scope["method"], scope["path"][:200])
+            return None
         # Routes of an included router may carry their path without the /v1 prefix.
         path = path.removeprefix("/v1")
         action, kind, param = ACTIONS.get(

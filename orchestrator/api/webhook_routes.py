@@ -34,6 +34,7 @@ def create_webhook(
         description=body.description,
         server_key=settings.secret_key,
         actor=actor(token),
+        allow_loopback=settings.webhook_allow_loopback,
     )
     return WebhookCreated(**WebhookOut.model_validate(endpoint).model_dump(), secret=secret)
 

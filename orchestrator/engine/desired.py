@@ -21,6 +21,7 @@ def desired_message(
     device_id: str,
     firmware: Firmware,
     heartbeat_s: float | None = None,
+    install_before: float | None = None,
 ) -> tuple[str, bytes]:
     """(topic, payload) telling ``device_id`` what to do for this update and attempt."""
     ref = FirmwareRef(
@@ -32,7 +33,14 @@ def desired_message(
         url=firmware_url(settings, firmware.id),
         token=make_download_token(settings.secret_key, firmware.id, device_id),
     )
-    doc = Desired(update_id=update_id, attempt=attempt, stage=stage, firmware=ref, heartbeat_s=heartbeat_s)
+    doc = Desired(
+        update_id=update_id,
+        attempt=attempt,
+        stage=stage,
+        firmware=ref,
+        heartbeat_s=heartbeat_s,
+        install_before=install_before,
+    )
     return desired_topic(device_id), doc.to_payload()
 
 

@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.engine import webhook_delivery
@@ -166,6 +166,8 @@ def _join_continuous(rt: Runtime, stats: Counter[str]) -> None:
 
 def _time_out(rt: Runtime, stats: Counter[str]) -> None:
     now = utcnow()
+    # Past a rollout's end time nobody waits for an offline device any more: its clock runs again.
+    past_end = [i for i, p in _policies(rt, stats, *_ACTIVE) if p.ended(now)]
     with rt.sessions() as session:
         # An offline device's clock stands still (ingest moves its deadlines when it comes back).
         expired = session.execute(
@@ -180,7 +182,7 @@ def _time_out(rt: Runtime, stats: Counter[str]) -> None:
             .where(
                 DeviceUpdate.state.in_((*UPDATE_IN_FLIGHT, UpdateState.ROLLING_BACK)),
                 DeviceUpdate.deadline_at < now,
-                Device.online.is_(True),
+                or_(Device.online.is_(True), DeviceUpdate.rollout_id.in_(past_end)),
             )
             .limit(BATCH)
         ).all()

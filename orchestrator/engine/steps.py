@@ -24,12 +24,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from orchestrator.engine.admission import admit, firmware_of
 from orchestrator.engine.desired import clear_desired_message, desired_message
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.waves import close_wave, halt_if_threshold_reached, wave_is_open
+from orchestrator.maintenance_windows import current_window
 from orchestrator.models import Device, DeviceUpdate, Rollout, utcnow
 from orchestrator.pacing import install_time
 from orchestrator.policy import policy_of
@@ -70,17 +71,27 @@ def _publish_stage(
             .where(
                 DeviceUpdate.id.in_(list(update_ids)),
                 DeviceUpdate.state.in_(states),
+                # A stop request only changes what a not-yet-installing row is told.
                 DeviceUpdate.stop_requested_at.is_not(None)
                 if stopping
-                else DeviceUpdate.stop_requested_at.is_(None),
+                else or_(
+                    DeviceUpdate.stop_requested_at.is_(None), DeviceUpdate.state.not_in(UPDATE_STOPPABLE)
+                ),
             )
         ).all()
     messages = []
+    now = utcnow()
     for update_id, attempt, device_id, firmware_id, rollout_id, created_at, policy_doc in rows:
         heartbeat: float | None = None
-        if stage is Stage.SOAK:
-            soak = policy_of(rollout_id, created_at, policy_doc).soak
-            heartbeat = soak.heartbeat_s if soak is not None else None
+        install_before: float | None = None
+        policy = policy_of(rollout_id, created_at, policy_doc)
+        if stage is Stage.SOAK and policy.soak is not None:
+            heartbeat = policy.soak.heartbeat_s
+        if stage is Stage.INSTALL and policy.windows:
+            # A device that hears this late (it was away) must not begin after the window's room ends.
+            window = current_window(policy.window_specs, now)
+            if window is not None:
+                install_before = (window[1] - timedelta(seconds=policy.install_timeout_s)).timestamp()
         messages.append(
             desired_message(
                 rt.settings,
@@ -90,6 +101,7 @@ def _publish_stage(
                 device_id=device_id,
                 firmware=firmware_of(rt, firmware_id),
                 heartbeat_s=heartbeat,
+                install_before=install_before,
             )
         )
     if messages:
@@ -112,10 +124,13 @@ def install(rt: Runtime, update_ids: Sequence[int]) -> int:
         rows = session.execute(
             select(DeviceUpdate.id, Rollout.id, Rollout.created_at, Rollout.policy)
             .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
+            .join(Device, Device.id == DeviceUpdate.device_id)
             .where(
                 DeviceUpdate.id.in_(list(update_ids)),
                 DeviceUpdate.state == UpdateState.VERIFIED,
                 DeviceUpdate.stop_requested_at.is_(None),  # an operator asked it to stop: never install
+                # Away: the reconciler re-sends this once it is back, and the window is checked then.
+                Device.online.is_(True),
             )
         ).all()
         waiting: dict[datetime, list[int]] = defaultdict(list)
@@ -209,7 +224,11 @@ def finalize(rt: Runtime, update_ids: Sequence[int]) -> int:
     with rt.sessions() as session:
         done = session.execute(
             update(DeviceUpdate)
-            .where(DeviceUpdate.id.in_([r.id for r in rows]), DeviceUpdate.finalized_at.is_(None))
+            .where(
+                DeviceUpdate.id.in_([r.id for r in rows]),
+                DeviceUpdate.finalized_at.is_(None),
+                DeviceUpdate.state.in_(UPDATE_END_STATES),  # an operator's retry may have reopened it
+            )
             .values(finalized_at=utcnow())
             .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SETTLE = timedelta(seconds=3)
 FANOUT_BATCH = 2000
 MAX_ATTEMPTS = 8
-CLAIM = timedelta(seconds=60)
+CLAIM = timedelta(seconds=300)  # far beyond one post: TIMEOUT_S per read, few reads
 LEASE = timedelta(seconds=30)
 TIMEOUT_S = 10.0
 
@@ -54,14 +54,16 @@ def fan_out(rt: Runtime) -> list[int]:
                 _move(session, start, newest)
                 session.commit()
             return []
-        events = list(
-            session.scalars(
-                select(Event)
-                .where(Event.id > start, Event.created_at < utcnow() - SETTLE)
-                .order_by(Event.id)
-                .limit(FANOUT_BATCH)
-            )
-        )
+        settled = utcnow() - SETTLE
+        events: list[Event] = []
+        # In id order, stopping at the first event still settling: the cursor only ever passes
+        # ids that were all read (an older id committing late is younger than SETTLE by then).
+        for event in session.scalars(
+            select(Event).where(Event.id > start).order_by(Event.id).limit(FANOUT_BATCH)
+        ):
+            if event.created_at >= settled:
+                break
+            events.append(event)
         if not events:
             return []
         rows: list[WebhookDelivery] = []
@@ -96,18 +98,21 @@ def _move(session: Any, start: int, to: int) -> bool:
 
 
 def take_due(rt: Runtime, limit: int = 500) -> list[int]:
-    """PENDING deliveries whose next attempt is due and that no worker holds. Their next attempt is
-    pushed out by LEASE as they are handed over, so a later pass does not send them again while
-    their message waits for a worker (and does, if that message was lost)."""
+    """PENDING deliveries of active endpoints whose next attempt is due and that no task holds.
+    Each is leased for LEASE as it is handed over, so a later pass does not send it again while its
+    message waits for a worker (and does, if that message was lost)."""
     now = utcnow()
     with rt.sessions() as session:
         ids = list(
             session.scalars(
                 select(WebhookDelivery.id)
+                .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
                 .where(
                     WebhookDelivery.status == "PENDING",
                     WebhookDelivery.next_attempt_at <= now,
+                    or_(WebhookDelivery.leased_until.is_(None), WebhookDelivery.leased_until < now),
                     or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+                    WebhookEndpoint.active.is_(True),
                 )
                 .order_by(WebhookDelivery.id)
                 .limit(limit)
@@ -117,7 +122,7 @@ def take_due(rt: Runtime, limit: int = 500) -> list[int]:
             session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id.in_(ids))
-                .values(next_attempt_at=now + LEASE)
+                .values(leased_until=now + LEASE)
                 .execution_options(synchronize_session=False)
             )
             session.commit()
@@ -153,7 +158,11 @@ def _postpone(rt: Runtime, delivery: WebhookDelivery) -> None:
         session.execute(
             update(WebhookDelivery)
             .where(WebhookDelivery.id == delivery.id)
-            .values(claimed_until=None, next_attempt_at=utcnow() + backoff(max(1, delivery.attempts)))
+            .values(
+                claimed_until=None,
+                leased_until=None,
+                next_attempt_at=utcnow() + backoff(max(1, delivery.attempts)),
+            )
             .execution_options(synchronize_session=False)
         )
         session.commit()
@@ -167,7 +176,12 @@ def _claim(rt: Runtime, delivery_id: int) -> tuple[WebhookDelivery, WebhookEndpo
             .where(
                 WebhookDelivery.id == delivery_id,
                 WebhookDelivery.status == "PENDING",
+                # due: a task that waited past its lease and meets a backoff set meanwhile waits too
+                WebhookDelivery.next_attempt_at <= now,
                 or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+                WebhookDelivery.endpoint_id.in_(
+                    select(WebhookEndpoint.id).where(WebhookEndpoint.active.is_(True))
+                ),
             )
             .values(claimed_until=now + CLAIM)
             .execution_options(synchronize_session=False)
@@ -213,7 +227,7 @@ def _post(rt: Runtime, client: httpx.Client, delivery: WebhookDelivery, endpoint
         values.update(status="FAILED")
         log.warning("webhook delivery %s to %s failed for good: %s", delivery.id, endpoint.url, error)
     else:
-        values.update(next_attempt_at=now + backoff(attempts))
+        values.update(next_attempt_at=now + backoff(attempts), leased_until=None)
     with rt.sessions() as session:
         session.execute(
             update(WebhookDelivery)

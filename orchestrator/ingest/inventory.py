@@ -9,16 +9,16 @@ from sqlalchemy.orm import Session
 
 from orchestrator.models import Device, DeviceUpdate, Event, utcnow
 from orchestrator.protocol import DeviceInfo, is_reserved_device_id
-from orchestrator.state_machines import UPDATE_IN_FLIGHT
+from orchestrator.state_machines import UPDATE_IN_FLIGHT, UpdateState
 
 
-def _stop_clock_while_offline(session: Session, back: dict[str, datetime | None], now: datetime) -> None:
+def stop_clock_while_offline(session: Session, back: dict[str, datetime | None], now: datetime) -> None:
     """Stage timeouts count only while a device can act: a device coming back online has its
     in-flight deadlines pushed out by as long as it was away (its ``last_seen`` is when it left)."""
     rows = session.execute(
         select(DeviceUpdate.id, DeviceUpdate.device_id, DeviceUpdate.deadline_at).where(
             DeviceUpdate.device_id.in_(list(back)),
-            DeviceUpdate.state.in_(UPDATE_IN_FLIGHT),
+            DeviceUpdate.state.in_((*UPDATE_IN_FLIGHT, UpdateState.ROLLING_BACK)),
             DeviceUpdate.deadline_at.is_not(None),
         )
     ).all()
@@ -57,7 +57,7 @@ def apply_inventory(
     known = set(status)
     back = {d: status[d][1] for d, o in presence.items() if o and d in status and not status[d][0]}
     if back:
-        _stop_clock_while_offline(session, back, now)
+        stop_clock_while_offline(session, back, now)
     new_rows = [
         {
             "id": device_id,

@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
+from orchestrator.ingest.inventory import stop_clock_while_offline
 from orchestrator.models import Device, DeviceUpdate, Event, Firmware, Rollout, utcnow
 from orchestrator.policy import RolloutPolicy, SoakPolicy
 from orchestrator.portal import device_message
@@ -63,6 +64,7 @@ class _Snapshot:
     last_seq: int | None
     progress: int
     deadline_at: datetime | None
+    stop_requested: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +138,13 @@ class ReportApplier:
                 DeviceUpdate.last_seq,
                 DeviceUpdate.progress,
                 DeviceUpdate.deadline_at,
+                DeviceUpdate.stop_requested_at,
             ).where(DeviceUpdate.id.in_(ids))
         )
         snaps = {
-            r[0]: _Snapshot(r[0], r[1], UpdateState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+            r[0]: _Snapshot(
+                r[0], r[1], UpdateState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10] is not None
+            )
             for r in rows
         }
         unknown = {s.rollout_id for s in snaps.values()} - self._rollouts.keys()
@@ -217,7 +222,8 @@ class ReportApplier:
                 detail = f"reported success while running {report.running_version}, not {info.target_version}"
                 out.counters["version_mismatch"] += 1
             retryable = error is None or error in RETRYABLE_ERRORS
-            attempts_left = retryable and snap.attempt < info.max_attempts
+            # An operator asked this update to stop: a failed attempt is its end, not a retry.
+            attempts_left = retryable and snap.attempt < info.max_attempts and not snap.stop_requested
             event = report_event(state, attempts_left)
             heartbeat = plan.state == UpdateState.SOAKING and state == ReportState.SUCCEEDED
             if heartbeat and report.health is not None and not report.health.app_healthy:
@@ -344,7 +350,17 @@ def _change(plan: _Plan) -> RowChange:
 
 
 def _refresh_inventory(session: Session, versions: dict[str, str], now: datetime) -> None:
-    known = set(session.scalars(select(Device.id).where(Device.id.in_(list(versions)))))
+    status = {
+        device_id: (online, last_seen)
+        for device_id, online, last_seen in session.execute(
+            select(Device.id, Device.online, Device.last_seen).where(Device.id.in_(list(versions)))
+        )
+    }
+    known = set(status)
+    # A report is a sign of life too: a device back before its presence message is, for its clock.
+    back = {d: seen for d, (online, seen) in status.items() if not online}
+    if back:
+        stop_clock_while_offline(session, back, now)
     params = [{"b_id": d, "b_version": v, "b_seen": now} for d, v in versions.items() if d in known]
     if params:
         table = Device.__table__

@@ -44,6 +44,7 @@ class WebhookDelivery(Base):
     last_status: Mapped[int | None] = mapped_column(doc="HTTP status of the last attempt")
     last_error: Mapped[str | None] = mapped_column(String(300))
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    leased_until: Mapped[datetime | None] = mapped_column(doc="handed to a task; not handed again before")
     claimed_until: Mapped[datetime | None] = mapped_column(doc="a worker is sending it until then")
     delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

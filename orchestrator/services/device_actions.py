@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import Conflict, NotFound
-from orchestrator.models import DeviceUpdate, Event, Rollout, utcnow
+from orchestrator.models import DeviceUpdate, Event, Rollout, Wave, utcnow
 from orchestrator.protocol import ErrorCode
 from orchestrator.state_machines import (
     UPDATE_NOT_STARTED,
@@ -28,6 +28,7 @@ from orchestrator.state_machines import (
     RolloutState,
     UpdateEvent,
     UpdateState,
+    WaveState,
 )
 from orchestrator.transitions import bulk_transition_where
 
@@ -42,6 +43,11 @@ NOT_RETRYABLE = frozenset(
     }
 )
 _RETRYABLE_ROLLOUT = (RolloutState.RUNNING, RolloutState.PAUSED)
+# A timeout here means the device may have installed: it would never install the update again.
+_INSTALL_STEP = frozenset(
+    str(s)
+    for s in (UpdateState.INSTALLING, UpdateState.REBOOTING, UpdateState.SOAKING, UpdateState.ROLLING_BACK)
+)
 
 
 def device_update(session: Session, rollout_id: int, device_id: str) -> DeviceUpdate:
@@ -83,10 +89,16 @@ def retry_update(
             "only FAILED or TIMED_OUT updates can be retried",
             field="device_id",
         )
-    if row.error_code in NOT_RETRYABLE:
+    ended_from = session.scalar(
+        select(Event.from_state)
+        .where(Event.device_update_id == row.id, Event.to_state == str(row.state))
+        .order_by(Event.id.desc())
+        .limit(1)
+    )
+    if row.error_code in NOT_RETRYABLE or ended_from in _INSTALL_STEP:
         raise Conflict(
-            f"device {device_id} failed at the install step ({row.error_code}) and never installs "
-            "an update twice; create a new rollout for it with a new image",
+            f"device {device_id} ended at the install step ({row.error_code}, from {ended_from}) and never "
+            "installs an update twice; create a new rollout for it with a new image",
             field="device_id",
         )
     if status not in _RETRYABLE_ROLLOUT:
@@ -95,13 +107,27 @@ def retry_update(
             "create a new rollout for this device",
             field="rollout_id",
         )
+    # The new attempt joins the wave now running (or the next one), so it counts in a gate that is
+    # still open; with every wave closed there is nothing left to join.
+    waves = list(session.scalars(select(Wave).where(Wave.rollout_id == rollout_id).order_by(Wave.index)))
+    target = next((w for w in waves if w.status == WaveState.RUNNING), None) or next(
+        (w for w in waves if w.status == WaveState.PENDING), None
+    )
+    if target is None:
+        raise Conflict(
+            f"every wave of rollout {rollout_id} has closed; create a new rollout for this device",
+            field="rollout_id",
+        )
     moved = bulk_transition_where(
         session,
         UpdateEvent.RETRY_BY_OPERATOR,
         UpdateState(row.state),
         DeviceUpdate.id == row.id,
-        detail={"actor": actor, "previous_error": row.error_code},
+        values={"wave_id": target.id},
+        detail={"actor": actor, "previous_error": row.error_code, "wave": target.index},
     )
+    if moved and target.id != row.wave_id:
+        target.size += 1
     if not moved:
         session.rollback()
         raise Conflict(f"device {device_id}'s update changed meanwhile; look again", field="device_id")

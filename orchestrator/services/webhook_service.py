@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -12,19 +13,41 @@ from orchestrator.models import WebhookDelivery, WebhookEndpoint, utcnow
 from orchestrator.services.query_service import Page, _check_limit, _page, decode_cursor
 from orchestrator.webhooks import EVENT_KINDS, endpoint_secret, new_salt
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DELIVERY_STATUSES = ("PENDING", "DELIVERED", "FAILED")
 
 
-def check_url(url: str) -> None:
-    """HTTPS anywhere; plain HTTP only to this machine (a receiver under development)."""
+def check_url(url: str, *, allow_loopback: bool = False) -> None:
+    """HTTPS to a public host. A host given as a private, loopback or link-local address is refused
+    (the workers would post into the operator's own network); plain HTTP only to loopback, and only
+    with FLEET_WEBHOOK_ALLOW_LOOPBACK (a receiver under development)."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise InvalidInput("url must be an absolute https:// URL", field="url")
-    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
-        raise InvalidInput("url must use https (plain http only to 127.0.0.1 or localhost)", field="url")
     if parts.username or parts.password:
         raise InvalidInput("url must not carry credentials; verify the signature instead", field="url")
+    host = parts.hostname
+    loopback = host in ("localhost",) or _address_is(host, "is_loopback")
+    if loopback:
+        if not allow_loopback:
+            raise InvalidInput(
+                "url points at this machine; set FLEET_WEBHOOK_ALLOW_LOOPBACK=true for a local test receiver",
+                field="url",
+            )
+        return
+    if parts.scheme == "http":
+        raise InvalidInput("url must use https (plain http only to a loopback test receiver)", field="url")
+    if any(
+        _address_is(host, flag) for flag in ("is_private", "is_link_local", "is_reserved", "is_multicast")
+    ):
+        raise InvalidInput("url must name a public host, not a private or link-local address", field="url")
+
+
+def _address_is(host: str, flag: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: resolved when delivering (a name pointing inward is a known limit)
+    return bool(getattr(address, flag))
 
 
 def create_endpoint(
@@ -35,9 +58,10 @@ def create_endpoint(
     description: str | None,
     server_key: str,
     actor: str = "operator",
+    allow_loopback: bool = False,
 ) -> tuple[WebhookEndpoint, str]:
     """Register an endpoint; returns it and its signing secret (shown this once). Commits."""
-    check_url(url)
+    check_url(url, allow_loopback=allow_loopback)
     unknown = sorted(set(events) - set(EVENT_KINDS))
     if not events or unknown:
         raise InvalidInput(f"events must name some of {', '.join(EVENT_KINDS)}", field="events")

@@ -40,6 +40,9 @@ def test_an_endpoint_is_registered_listed_and_deactivated(
         ({"url": "https://user:pw@hooks.example.com/x", "events": ["rollout"]}, "url"),
         ({"url": "https://hooks.example.com/x", "events": ["wave"]}, "events"),
         ({"url": "https://hooks.example.com/x", "events": []}, "events"),
+        ({"url": "http://127.0.0.1:8080/x", "events": ["rollout"]}, "url"),
+        ({"url": "https://10.0.0.7/x", "events": ["rollout"]}, "url"),
+        ({"url": "https://169.254.169.254/latest", "events": ["rollout"]}, "url"),
     ],
 )
 def test_bad_endpoints_are_refused_naming_the_field(

@@ -21,7 +21,15 @@ from orchestrator.policy import RolloutPolicy
 from orchestrator.protocol import ErrorCode, ReportState
 from orchestrator.services import device_actions
 from orchestrator.state_machines import UpdateState
-from tests.integration.engine_kit import Retained, counts, plan_rollout, queued_messages, report, updates
+from tests.integration.engine_kit import (
+    Retained,
+    counts,
+    plan_rollout,
+    queued_messages,
+    report,
+    target_version,
+    updates,
+)
 from tests.integration.harness import QUICK_REAL, Harness, running_harness
 
 pytestmark = [pytest.mark.integration]
@@ -129,3 +137,57 @@ def test_a_device_stops_a_slow_download_when_asked_and_the_others_update(stack: 
     assert h.versions("slow-") == {"1.0.0": 1} and h.versions("quick-") == {"1.1.0": 3}
     events = [e for e in h.events(rollout_id) if e.device_id == slow and e.kind == "report" and e.accepted]
     assert "INSTALLING" not in [e.name for e in events] and events[-1].name == "CANCELED"
+
+
+def test_a_stopped_update_that_was_already_installing_is_told_everything_else_as_usual(
+    rt: Runtime, mqtt_broker: Any
+) -> None:
+    # Given a device asked to stop after it had the install document and began installing
+    policy = RolloutPolicy(waves=["100%"], soak={"duration_s": 60, "heartbeat_s": 1})
+    rollout_id, prefix = plan_rollout(rt, 1, policy)
+    retained = Retained(mqtt_broker, prefix)
+    try:
+        waves.kick(rt, rollout_id)
+        (row,) = updates(rt, rollout_id, UpdateState.OFFERED)
+        report(rt, [row], ReportState.VERIFIED)
+        with rt.sessions() as session:
+            device_actions.request_stop(session, rollout_id, row.device_id)
+        report(rt, [row], ReportState.INSTALLING, ReportState.REBOOTING)
+        # Then the installing row still gets its own documents, not cancel
+        assert steps.republish(rt, [row.id]) == 1
+        assert retained.wait(lambda r: r.docs[row.device_id]["stage"] == "install")
+        # and once it soaks, the soak document
+        report(rt, [row], ReportState.SUCCEEDED, version=target_version(rt, rollout_id))
+        assert steps.republish(rt, [row.id]) == 1
+        assert retained.wait(lambda r: r.docs[row.device_id]["stage"] == "soak")
+    finally:
+        retained.close()
+
+
+def test_a_retry_joins_the_running_wave_and_no_timeout_after_installing_is_retried(rt: Runtime) -> None:
+    policy = RolloutPolicy(waves=[1, "100%"], max_attempts=1, success_threshold=0)
+    rollout_id, _ = plan_rollout(rt, 3, policy)
+    waves.kick(rt, rollout_id)
+    (first,) = updates(rt, rollout_id, UpdateState.OFFERED)
+    report(rt, [first], ReportState.FAILED, error=ErrorCode.DOWNLOAD_ERROR)
+    steps.finalize(rt, [first.id])  # wave 0 closes (threshold 0), wave 1 starts
+    with rt.sessions() as session:
+        again = device_actions.retry_update(session, rollout_id, first.device_id)
+        from orchestrator.models import Wave
+
+        wave = session.get_one(Wave, again.wave_id)
+    assert (again.state, wave.index) == (UpdateState.QUEUED, 1)
+    # An update that timed out while installing is never retried: the device may have installed it
+    second = next(u for u in updates(rt, rollout_id, UpdateState.OFFERED) if u.id != first.id)
+    report(rt, [second], ReportState.VERIFIED, ReportState.INSTALLING)
+    with rt.sessions() as session:
+        session.execute(
+            update(DeviceUpdate)
+            .where(DeviceUpdate.id == second.id)
+            .values(deadline_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+    reconciler.reconcile_once(rt)
+    assert _row(rt, second.id).state == UpdateState.TIMED_OUT
+    with rt.sessions() as session, pytest.raises(Conflict, match="never installs an update twice"):
+        device_actions.retry_update(session, rollout_id, second.device_id)

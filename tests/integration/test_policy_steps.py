@@ -365,3 +365,56 @@ def test_retention_deletes_old_trails_in_batches_but_not_of_a_rollout_in_progres
     assert sorted(audit) == [("rollout.halt", str(running)), ("rollout.start", str(running))]
     assert removed["audit_entries"] == 4 and removed["events"] >= 7
     assert retention.purge_once(rt) == {"events": 0, "audit_entries": 0}
+
+
+def test_install_waits_for_an_offline_device_and_tells_it_when_the_window_has_no_room_left(
+    rt: Runtime, mqtt_broker: Any
+) -> None:
+    # Given a window open now for another hour, and a verified device that has gone offline
+    now = utcnow()
+    policy = RolloutPolicy(
+        waves=["100%"],
+        install_timeout_s=600,
+        windows=[{"start": now - timedelta(minutes=5), "end": now + timedelta(hours=1)}],
+    )
+    rollout_id, prefix = plan_rollout(rt, 2, policy)
+    retained = Retained(mqtt_broker, prefix)
+    try:
+        waves.kick(rt, rollout_id)
+        away, here = updates(rt, rollout_id, UpdateState.OFFERED)
+        report(rt, [away, here], ReportState.VERIFIED)
+        _set_online(rt, [away.device_id], False)
+        # Then only the online one is told to install, with the last moment it may begin
+        assert steps.install(rt, [away.id, here.id]) == 1
+        assert retained.wait(lambda r: r.docs[here.device_id]["stage"] == "install")
+        before = retained.docs[here.device_id]["install_before"]
+        assert abs(before - (now + timedelta(hours=1) - timedelta(seconds=600)).timestamp()) < 2
+        assert retained.docs[away.device_id]["stage"] == "download"
+    finally:
+        retained.close()
+
+
+def test_past_the_end_time_an_offline_device_in_flight_times_out(rt: Runtime) -> None:
+    end = utcnow() + timedelta(hours=1)
+    policy = RolloutPolicy(
+        waves=["100%"], end_at=end, max_attempts=1, download_timeout_s=60, success_threshold=0
+    )
+    rollout_id, _ = plan_rollout(rt, 1, policy)
+    waves.kick(rt, rollout_id)
+    (row,) = updates(rt, rollout_id, UpdateState.OFFERED)
+    _set_online(rt, [row.device_id], False)
+    with rt.sessions() as session:
+        session.execute(
+            update(DeviceUpdate)
+            .where(DeviceUpdate.id == row.id)
+            .values(deadline_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+    reconciler.reconcile_once(rt)
+    assert _row(rt, row.id).state == UpdateState.OFFERED  # its clock stands still while it is away
+    with time_machine.travel(end + timedelta(seconds=1), tick=True):
+        reconciler.reconcile_once(rt)
+        assert _row(rt, row.id).state == UpdateState.TIMED_OUT  # but not past the rollout's end
+        reconciler.reconcile_once(rt)
+    with rt.sessions() as session:
+        assert str(session.get_one(Rollout, rollout_id).status) == "COMPLETED"

@@ -85,6 +85,7 @@ def test_every_state_change_reaches_the_receiver_once_signed_after_retries(stack
                 events=["rollout", "device_update"],
                 description="test receiver",
                 server_key=settings.secret_key,
+                allow_loopback=True,
             )
         h.start_fleet(4, prefix="hook-", profile="instant", params=QUICK_REAL)
         # When a rollout runs to its end
