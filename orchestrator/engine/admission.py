@@ -134,12 +134,18 @@ def _admit_once(rt: Runtime, rollout_id: int) -> tuple[list[MovedRow], bool, int
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
             return None
+        # Stamped after the candidates were read: an update of the same device in another rollout
+        # that ended just before is then always seen to end before this one was offered.
+        offered = utcnow()
         moved = bulk_transition_where(
             session,
             UpdateEvent.OFFER,
             UpdateState.QUEUED,
             DeviceUpdate.id.in_(ids),
-            values={"offered_at": now, "deadline_at": now + timedelta(seconds=policy.download_timeout_s)},
+            values={
+                "offered_at": offered,
+                "deadline_at": offered + timedelta(seconds=policy.download_timeout_s),
+            },
         )
         session.commit()
         return moved, len(ids) == wanted and free > wanted, row.firmware_id
