@@ -512,3 +512,27 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
     assert {"postgres", "redis", "mosquitto", "migrate", "api", "worker", "ingest", "beat", "sim"} <= set(
         services
     )
+    monitoring = subprocess.run(
+        [*cli, "--profile", "monitoring", "config", "--services"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert {"prometheus", "grafana"} <= set(monitoring)
+
+
+def test_monitoring_profile_scrapes_the_api_and_loads_the_dashboard() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == ["monitoring"] == grafana["profiles"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["api:8000"]
+    assert job["authorization"]["credentials_file"] in " ".join(prometheus["volumes"])
+    mounts = " ".join(grafana["volumes"])
+    assert "docs/deploy/grafana/provisioning" in mounts and "docs/deploy/grafana/dashboards" in mounts
+    source = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/fleet.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {source["datasources"][0]["uid"]}

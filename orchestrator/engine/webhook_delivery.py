@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from typing import Any
 
 import httpx
 from sqlalchemy import or_, select, update
 
+from orchestrator.engine.engine_metrics import engine_metrics
 from orchestrator.engine.runtime import Runtime
 from orchestrator.models import Event, WebhookCursor, WebhookDelivery, WebhookEndpoint, utcnow
 from orchestrator.webhooks import SIGNATURE_HEADER, body_of, endpoint_secret, sign, state_change
@@ -206,6 +208,8 @@ def _post(rt: Runtime, client: httpx.Client, delivery: WebhookDelivery, endpoint
     }
     status: int | None = None
     error: str | None = None
+    metrics = engine_metrics()
+    began = time.perf_counter()
     try:
         response = client.post(endpoint.url, content=body, headers=headers)
         status = response.status_code
@@ -213,6 +217,7 @@ def _post(rt: Runtime, client: httpx.Client, delivery: WebhookDelivery, endpoint
             error = f"HTTP {status}"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
+    metrics.webhook_seconds.observe(time.perf_counter() - began)
     attempts = delivery.attempts + 1
     now = utcnow()
     values: dict[str, Any] = {
@@ -223,11 +228,14 @@ def _post(rt: Runtime, client: httpx.Client, delivery: WebhookDelivery, endpoint
     }
     if error is None:
         values.update(status="DELIVERED", delivered_at=now)
+        metrics.webhook_posts.labels("delivered").inc()
     elif attempts >= MAX_ATTEMPTS:
         values.update(status="FAILED")
+        metrics.webhook_posts.labels("failed").inc()
         log.warning("webhook delivery %s to %s failed for good: %s", delivery.id, endpoint.url, error)
     else:
         values.update(next_attempt_at=now + backoff(attempts), leased_until=None)
+        metrics.webhook_posts.labels("retry").inc()
     with rt.sessions() as session:
         session.execute(
             update(WebhookDelivery)

@@ -40,6 +40,7 @@ from orchestrator.db import session_factory
 from orchestrator.engine.dispatch import DispatchFailed, sender_for
 from orchestrator.engine.progress import DirtyMarks
 from orchestrator.ingest.guard import Guard, Parsed, rejected_event
+from orchestrator.ingest.ingest_metrics import IngestMetrics
 from orchestrator.ingest.inventory import apply_inventory
 from orchestrator.ingest.read_gate import ReadGate
 from orchestrator.ingest.report_applier import BatchOutcome, ReportApplier
@@ -82,6 +83,7 @@ class IngestService:
         self.applier = ReportApplier()
         self.stats: Counter[str] = Counter()
         self.latencies_ms: deque[float] = deque(maxlen=20000)
+        self.metrics = IngestMetrics()
         self._dirty: set[int] = set()
         self._last_summary_ids: set[int] = set()
         self._outage: dict[str, float] = {}
@@ -228,7 +230,9 @@ class IngestService:
         delay = 0.2
         while True:
             try:
+                began = time.perf_counter()
                 outcome = await asyncio.to_thread(self._apply_sync, parsed)
+                self.metrics.batch_seconds.observe(time.perf_counter() - began)
                 break
             except DatabaseUnavailable as exc:
                 self._failing("database", str(exc))
@@ -243,6 +247,7 @@ class IngestService:
         await asyncio.gather(*(self._publish(publisher, t, p) for t, p in outcome.portal))
         now = time.time()
         self.latencies_ms.extend((now - ts) * 1000 for ts in outcome.applied_ts)
+        self.metrics.latencies(now - ts for ts in outcome.applied_ts)
 
     def _apply_sync(self, parsed: Parsed) -> BatchOutcome:
         """Apply the batch in one transaction; a batch that fails for a reason other than the database
@@ -377,8 +382,10 @@ class IngestService:
             snapshot["latency_p50_ms"] = round(ordered[len(ordered) // 2], 2)
             snapshot["latency_p99_ms"] = round(ordered[int(len(ordered) * 0.99)], 2)
         snapshot["updated"] = time.time()
+        self.metrics.count(snapshot)
         with contextlib.suppress(redis.RedisError):  # statistics only; the next second tries again
             await asyncio.to_thread(self.redis.hset, STATS_KEY, self.client_id, json.dumps(snapshot))
+        await asyncio.to_thread(self.metrics.publish, self.redis, force=True)
 
     # ------------------------------------------------------------------ outages
     def _failing(self, what: str, message: str) -> None:

@@ -20,7 +20,16 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.models import AuditEntry, Device, DeviceUpdate, Event, Firmware, Rollout, Wave
+from orchestrator.models import (
+    AuditEntry,
+    Device,
+    DeviceUpdate,
+    Event,
+    Firmware,
+    Rollout,
+    Wave,
+    WebhookDelivery,
+)
 from orchestrator.portal import rollout_summary
 from orchestrator.protocol import PortalRollout
 from orchestrator.services.device_service import LABEL_KEY_PATTERN, get_device
@@ -311,6 +320,25 @@ def rollouts_by_status(session: Session) -> dict[str, int]:
 def updates_by_state(session: Session) -> dict[str, int]:
     rows = session.execute(select(DeviceUpdate.state, func.count()).group_by(DeviceUpdate.state)).tuples()
     return {str(state): count for state, count in rows}
+
+
+def active_updates_by_rollout(session: Session) -> list[tuple[int, str, str, int]]:
+    """(rollout id, rollout name, update state, count) over rollouts that are running or paused."""
+    rows = session.execute(
+        select(Rollout.id, Rollout.name, DeviceUpdate.state, func.count())
+        .join(DeviceUpdate, DeviceUpdate.rollout_id == Rollout.id)
+        .where(Rollout.status.in_(("RUNNING", "PAUSED")))
+        .group_by(Rollout.id, Rollout.name, DeviceUpdate.state)
+        .order_by(Rollout.id)
+    ).tuples()
+    return [(int(rid), str(name), str(state), int(count)) for rid, name, state, count in rows]
+
+
+def webhook_deliveries_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+    ).tuples()
+    return {str(status): count for status, count in rows}
 
 
 def devices_by_online(session: Session) -> dict[bool, int]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import redis
 from celery import Task
+from celery.signals import task_postrun, task_prerun
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -24,6 +26,7 @@ from orchestrator.engine.dispatch import (
     RETENTION,
     WEBHOOK_DELIVER,
 )
+from orchestrator.engine.engine_metrics import engine_metrics
 from orchestrator.engine.runtime import Runtime, build_runtime
 from orchestrator.mqtt_link import PublishFailed
 from orchestrator.worker import app
@@ -42,6 +45,7 @@ _STEP: dict[str, Any] = {
     "max_retries": 8,
 }
 _runtime: Runtime | None = None
+_started: dict[str, float] = {}
 
 
 def runtime() -> Runtime:
@@ -52,6 +56,26 @@ def runtime() -> Runtime:
 
         _runtime = build_runtime(get_settings(), app)
     return _runtime
+
+
+@task_prerun.connect
+def _task_started(task_id: str | None = None, **_: Any) -> None:
+    if task_id is not None:
+        _started[task_id] = time.perf_counter()
+
+
+@task_postrun.connect
+def _task_ended(
+    task_id: str | None = None, task: Task[Any, Any] | None = None, state: str | None = None, **_: Any
+) -> None:
+    began = _started.pop(task_id, None) if task_id is not None else None
+    if task is None or task.request.is_eager:
+        return
+    metrics = engine_metrics()
+    if began is not None:
+        metrics.task_seconds.labels(task.name).observe(time.perf_counter() - began)
+    metrics.tasks.labels(task.name, state or "UNKNOWN").inc()
+    metrics.publish_soon(metrics.redis)
 
 
 @app.task(name=OFFER, **_STEP)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import redis
 
 from orchestrator.policy import RolloutPolicy
+from orchestrator.process_metrics import SnapshotCollector
 from orchestrator.state_machines import UPDATE_END_STATES
 from tests.integration.harness import QUICK_REAL, Harness
 
@@ -59,6 +61,23 @@ def test_three_wave_rollout_of_200_devices_completes(harness: Harness) -> None:
         )
 
     assert harness.wait(portal_agrees, 10)
+
+    # and the worker and ingest processes delivered their measurements for /metrics
+    def measured() -> dict[str, float]:
+        client = redis.Redis.from_url(harness.stack.settings.redis_url)
+        totals: Counter[str] = Counter()
+        for family in SnapshotCollector(client).collect():
+            for sample in family.samples:
+                key = sample.name + ("" if "task" not in sample.labels else f":{sample.labels['task']}")
+                totals[key] += sample.value
+        client.close()
+        return totals
+
+    assert harness.wait(lambda: measured()["fleet_reports_applied_total"] >= 200 * 4, 10)
+    totals = measured()
+    assert totals["fleet_tasks_total:fleet.install"] >= 1
+    assert totals["fleet_task_seconds_count:fleet.finalize"] >= 1
+    assert totals["fleet_report_to_portal_seconds_count"] >= 200
 
 
 SLOW = {**QUICK_REAL, "install_time": "0.8:1.5"}
