@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -39,6 +41,12 @@ def device_message(
     return portal_device_topic(rollout_id, device_id), doc.to_payload()
 
 
+def _epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return round((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp(), 3)
+
+
 def rollout_summary(session: Session, rollout_id: int) -> PortalRollout | None:
     """Counts per state, per-wave progress, percent done and a naive ETA, read from SQL."""
     rollout = session.get(Rollout, rollout_id)
@@ -56,7 +64,7 @@ def rollout_summary(session: Session, rollout_id: int) -> PortalRollout | None:
         counts[str(state)] += count
     total = sum(counts.values())
     ended = sum(counts.get(str(s), 0) for s in UPDATE_END_STATES)
-    waves: list[dict[str, int | str]] = []
+    waves: list[dict[str, Any]] = []
     for wave in session.scalars(select(Wave).where(Wave.rollout_id == rollout_id).order_by(Wave.index)):
         wave_counts = per_wave.get(wave.id, {})
         waves.append(
@@ -66,6 +74,8 @@ def rollout_summary(session: Session, rollout_id: int) -> PortalRollout | None:
                 "size": wave.size,
                 "done": sum(wave_counts.get(str(s), 0) for s in UPDATE_END_STATES),
                 "succeeded": wave_counts.get(UpdateState.SUCCEEDED, 0),
+                "started_at": _epoch(wave.started_at),
+                "finished_at": _epoch(wave.finished_at),
             }
         )
     eta: float | None = None

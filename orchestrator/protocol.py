@@ -219,7 +219,7 @@ class PortalRollout(_Message):
     counts: dict[str, int]
     percent: float
     current_wave: int | None = None
-    waves: list[dict[str, int | str]] = Field(default_factory=list)
+    waves: list[dict[str, Any]] = Field(default_factory=list)
     eta_seconds: float | None = None
     skipped: dict[str, int] = Field(default_factory=dict)  # SKIPPED devices by reason
     pacing: dict[str, Any] | None = None  # rate, windows, offline waiting (orchestrator.pacing)

@@ -19,6 +19,8 @@ from orchestrator.api.schemas import (
     EventPage,
     Name,
     Pacing,
+    ProgressHistoryOut,
+    ProgressPointOut,
     RolloutCreate,
     RolloutDetail,
     RolloutOut,
@@ -29,6 +31,7 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.models import Rollout, utcnow
 from orchestrator.services import query_service, rollout_service
+from orchestrator.services.progress_history import progress_history
 from orchestrator.services.query_service import MAX_LIMIT
 from orchestrator.services.rollout_planner import create_rollout as plan_rollout
 from orchestrator.state_machines import RolloutState, UpdateState
@@ -141,10 +144,29 @@ def rollout_devices(
             finished_at=row.update.finished_at,
             updated_at=row.update.updated_at,
             stop_requested_at=row.update.stop_requested_at,
+            running_version=row.running_version,
+            online=row.online,
         )
         for row in page.items
     ]
     return DeviceUpdatePage(items=items, next_cursor=page.next_cursor)
+
+
+@router.get("/{rollout_id}/progress", response_model=ProgressHistoryOut, responses=errors(404))
+def rollout_progress(
+    rollout_id: RolloutId,
+    session: DbSession,
+    _: Viewer,
+    bucket_s: Annotated[
+        int, Query(ge=10, le=86400, description="seconds between points; widened to keep at most 240")
+    ] = 60,
+) -> ProgressHistoryOut:
+    """Succeeded, failed and in flight over time, rebuilt from the rollout's transition events."""
+    history = progress_history(session, rollout_id, bucket_s=bucket_s)
+    return ProgressHistoryOut(
+        bucket_s=history.bucket_s,
+        points=[ProgressPointOut.model_validate(p, from_attributes=True) for p in history.points],
+    )
 
 
 @router.get("/{rollout_id}/events", response_model=EventPage, responses=errors(404))

@@ -279,6 +279,20 @@ class WaveProgress(BaseModel):
     size: int
     done: int = Field(description="devices of the wave in an end state")
     succeeded: int
+    started_at: datetime | None = Field(None, description="when the wave opened")
+    finished_at: datetime | None = Field(None, description="when its gate passed or failed")
+
+
+class ProgressPointOut(BaseModel):
+    at: datetime = Field(description="end of the time bucket")
+    succeeded: int = Field(description="updates succeeded so far")
+    failed: int = Field(description="updates failed, timed out or rolled back so far")
+    in_flight: int = Field(description="updates offered and not yet ended at that moment")
+
+
+class ProgressHistoryOut(BaseModel):
+    bucket_s: int = Field(description="seconds between points (widened so a chart has at most 240)")
+    points: list[ProgressPointOut]
 
 
 class RolloutDetail(RolloutOut):
@@ -309,6 +323,8 @@ class DeviceUpdateOut(BaseModel):
     finished_at: datetime | None = None
     updated_at: datetime
     stop_requested_at: datetime | None = Field(None, description="an operator asked the device to stop")
+    running_version: str | None = Field(None, description="the version the device last reported")
+    online: bool | None = None
 
 
 class DeviceUpdatePage(BaseModel):

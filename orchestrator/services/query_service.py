@@ -55,6 +55,8 @@ class UpdateRow:
 
     update: DeviceUpdate
     wave_index: int | None
+    running_version: str | None = None
+    online: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,8 +275,9 @@ def list_rollout_updates(
     get_rollout(session, rollout_id)
     after = decode_cursor(f"rollout-{rollout_id}-devices", cursor, str)
     query = (
-        select(DeviceUpdate, Wave.index)
+        select(DeviceUpdate, Wave.index, Device.firmware_version, Device.online)
         .outerjoin(Wave, Wave.id == DeviceUpdate.wave_id)
+        .join(Device, Device.id == DeviceUpdate.device_id)
         .where(DeviceUpdate.rollout_id == rollout_id)
         .order_by(DeviceUpdate.device_id)
         .limit(limit + 1)
@@ -287,14 +290,17 @@ def list_rollout_updates(
         query = query.where(DeviceUpdate.error_code == error_code)
     if any(v is not None for v in (model, version, online, search)) or tags:
         query = _device_filters(
-            query.join(Device, Device.id == DeviceUpdate.device_id),
+            query,
             model=model,
             version=version,
             online=online,
             tags=tags,
             search=search,
         )
-    rows = [UpdateRow(du, index) for du, index in session.execute(query).tuples()]
+    rows = [
+        UpdateRow(du, index, running, online)
+        for du, index, running, online in session.execute(query).tuples()
+    ]
     return _page(rows, limit, f"rollout-{rollout_id}-devices", lambda r: r.update.device_id)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import redis
+import time_machine
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -148,6 +149,8 @@ def test_status_summary(
     assert body["counts"] == {"PENDING": 30, "SKIPPED": 2}
     assert body["percent"] == pytest.approx(100 * 2 / 32, abs=0.1)
     assert [(w["index"], w["size"], w["done"]) for w in body["waves"]] == [(0, 1, 0), (1, 2, 0), (2, 27, 0)]
+    assert body["waves"][0]["started_at"] is not None and body["waves"][0]["finished_at"] is None
+    assert body["waves"][2]["started_at"] is None
 
 
 def test_devices_of_a_rollout(
@@ -171,6 +174,56 @@ def test_devices_of_a_rollout(
     assert seen == [f"dev-{i:05d}" for i in range(30)]
     first = client.get(f"{url}?limit=1", headers=viewer).json()["items"][0]
     assert first["device_id"] == "current-00000"
+    assert first["running_version"] == "1.1.0" and first["online"] is True
+
+
+def test_progress_over_time_is_replayed_from_events(
+    client: TestClient, operator: dict[str, str], viewer: dict[str, str], firmware_id: int, session: Session
+) -> None:
+    # Given a rollout that started 5 minutes ago, where three devices were offered in the first
+    # minute, one succeeded in the second, one failed in the third, and one is still downloading
+    rollout_id = create(client, operator, firmware_id).json()["id"]
+    began = utcnow() - timedelta(minutes=5)
+    session.execute(update(Rollout).where(Rollout.id == rollout_id).values(started_at=began))
+    updates = session.scalars(
+        select(DeviceUpdate)
+        .where(DeviceUpdate.rollout_id == rollout_id, DeviceUpdate.state == "PENDING")
+        .order_by(DeviceUpdate.device_id)
+        .limit(3)
+    ).all()
+    steps = [
+        (0, UpdateEvent.ENQUEUE),
+        (0, UpdateEvent.OFFER),
+        (1, UpdateEvent.ENQUEUE),
+        (1, UpdateEvent.OFFER),
+        (2, UpdateEvent.ENQUEUE),
+        (2, UpdateEvent.OFFER),
+        (0, UpdateEvent.REPORT_DOWNLOADING),
+        (0, UpdateEvent.REPORT_SUCCEEDED),
+        (1, UpdateEvent.REPORT_FAILED),
+        (2, UpdateEvent.REPORT_DOWNLOADING),
+    ]
+    minute = {UpdateEvent.REPORT_SUCCEEDED: 1.5, UpdateEvent.REPORT_FAILED: 2.5}
+    for index, event in steps:
+        with time_machine.travel(began + timedelta(minutes=minute.get(event, 0.5)), tick=False):
+            transition_update(session, updates[index], event)
+    session.commit()
+
+    # When the portal asks for the progress by minute
+    body = client.get(f"/v1/rollouts/{rollout_id}/progress?bucket_s=60", headers=viewer).json()
+
+    # Then each minute's end shows what was true then
+    assert body["bucket_s"] == 60
+    points = [(p["succeeded"], p["failed"], p["in_flight"]) for p in body["points"]]
+    assert points[:3] == [(0, 0, 3), (1, 0, 2), (1, 1, 1)]
+    assert points[-1] == (1, 1, 1) and len(points) in (5, 6)
+    # and a long rollout gets wider buckets rather than thousands of points
+    session.execute(
+        update(Rollout).where(Rollout.id == rollout_id).values(started_at=utcnow() - timedelta(days=3))
+    )
+    session.commit()
+    wide = client.get(f"/v1/rollouts/{rollout_id}/progress", headers=viewer).json()
+    assert wide["bucket_s"] == 1800 and len(wide["points"]) <= 241
 
 
 def test_events_newest_first(
@@ -260,6 +313,8 @@ ERRORS: list[tuple[str, str, int, str, str | None]] = [
     ("get", "/v1/rollouts?cursor=eyJ4Ijox", 422, "invalid_input", "cursor"),
     ("get", "/v1/rollouts/1/devices?state=LOST", 422, "invalid_input", "state"),
     ("get", "/v1/rollouts/1/events?limit=1001", 422, "invalid_input", "limit"),
+    ("get", "/v1/rollouts/999/progress", 404, "not_found", "rollout_id"),
+    ("get", "/v1/rollouts/1/progress?bucket_s=5", 422, "invalid_input", "bucket_s"),
     ("delete", "/v1/rollouts/1", 405, "method_not_allowed", None),
     ("get", "/v1/nothing-here", 404, "not_found", None),
 ]
