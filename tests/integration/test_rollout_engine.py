@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 import redis
 
+from orchestrator.db import session_scope
 from orchestrator.policy import RolloutPolicy
+from orchestrator.portal import rollout_summary
 from orchestrator.process_metrics import SnapshotCollector
 from orchestrator.state_machines import UPDATE_END_STATES
 from tests.integration.harness import QUICK_REAL, Harness
@@ -47,6 +49,12 @@ def test_three_wave_rollout_of_200_devices_completes(harness: Harness) -> None:
     assert_one_end_state_and_full_trail(harness, rollout_id)
     waves = [e.to_state for e in harness.events(rollout_id) if e.name in ("wave_pass", "wave_fail")]
     assert waves == ["PASSED", "PASSED", "PASSED"]
+    with session_scope(harness.database_url) as session:
+        summary = rollout_summary(session, rollout_id)
+    assert summary is not None
+    spans = [(w["started_at"], w["finished_at"]) for w in summary.waves]
+    assert all(start is not None and end is not None and start <= end for start, end in spans), spans
+    assert [start for start, _ in spans] == sorted(start for start, _ in spans)
 
     def portal_agrees() -> bool:
         docs = harness.portal_snapshot(rollout_id, wait=0.5)
