@@ -337,6 +337,7 @@ class EventOut(_Out):
     created_at: datetime
     kind: str = Field(examples=["transition"], description="transition | report | operator | inventory")
     name: str = Field(examples=["report_verified"])
+    rollout_id: int | None = None
     wave_id: int | None = None
     device_update_id: int | None = None
     device_id: str | None = None

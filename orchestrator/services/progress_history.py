@@ -1,6 +1,7 @@
-"""A rollout's progress over time, rebuilt from its transition events, for the portal's chart.
+"""A rollout's progress over time, rebuilt from its events, for the portal's chart.
 
-Every state change of a device update is an event, so the counts at any moment can be replayed:
+Every state change of a device update is an event (a transition, or an accepted device report
+with the states it moved between), so the counts at any moment can be replayed:
 an update is in flight from its OFFERED transition until it leaves the in-flight states (to an end
 state, or to RETRYING before its next offer). Events older than the retention age are gone, so a
 rollout that ended long ago has no history left; its summary counts remain.
@@ -61,13 +62,18 @@ def _aware(moment: datetime) -> datetime:
 
 
 def progress_history(session: Session, rollout_id: int, *, bucket_s: int = 60) -> ProgressHistory:
-    """Succeeded and failed so far, and updates in flight, at the end of each bucket from the
-    rollout's start to its end (or now); NotFound if there is no rollout."""
+    """Succeeded and failed so far, and updates in flight: zero at the rollout's start, then at the
+    end of each bucket up to its end (or now); NotFound if there is no rollout."""
     rollout: Rollout = get_rollout(session, rollout_id)
     rows = (
         session.execute(
             select(Event.created_at, Event.from_state, Event.to_state)
-            .where(Event.rollout_id == rollout_id, Event.kind == "transition", Event.to_state.in_(_WATCHED))
+            .where(
+                Event.rollout_id == rollout_id,
+                Event.kind.in_(("transition", "report")),
+                Event.accepted.is_(True),
+                Event.to_state.in_(_WATCHED),
+            )
             .order_by(Event.created_at, Event.id)
         )
         .tuples()
@@ -79,7 +85,7 @@ def progress_history(session: Session, rollout_id: int, *, bucket_s: int = 60) -
     start = _aware(start)
     end = _aware(rollout.finished_at or utcnow())
     bucket = bucket_for((end - start).total_seconds(), bucket_s)
-    points: list[ProgressPoint] = []
+    points = [ProgressPoint(start, 0, 0, 0)]
     succeeded = failed = in_flight = 0
     edge = start + timedelta(seconds=bucket)
     for created_at, from_state, to_state in rows:
@@ -87,6 +93,8 @@ def progress_history(session: Session, rollout_id: int, *, bucket_s: int = 60) -
         while moment >= edge and edge < end:
             points.append(ProgressPoint(edge, succeeded, failed, in_flight))
             edge += timedelta(seconds=bucket)
+        if from_state == to_state:  # a repeated report moves nothing
+            continue
         if to_state == UpdateState.OFFERED:
             in_flight += 1
             continue

@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from orchestrator.db import session_scope
-from orchestrator.policy import DeviceFilter, RolloutPolicy
+from orchestrator.models import DeviceUpdate
+from orchestrator.policy import DeviceFilter, RolloutPolicy, Target
 from orchestrator.services.device_service import set_tags
 from orchestrator.services.group_service import create_group
+from orchestrator.services.rollout_planner import create_rollout
+from tests.factories import add_devices
 from tests.integration.harness import QUICK_REAL, Harness
 from tests.portal.conftest import make_token
 
@@ -142,6 +146,14 @@ def test_rollout_from_the_portal_end_to_end(portal_harness: Harness, browser: An
     assert all("100%" in text for text in rows.all_inner_texts())
     assert page.locator("#action-pause").is_disabled()
     assert "null" not in page.locator("#view").inner_text()
+    # The chart drew succeeded, failed and in flight over time, and each wave shows how long it took
+    page.wait_for_function(
+        "(document.querySelector('#progress-svg polyline[data-series=succeeded]')"
+        "?.getAttribute('points') || '').split(' ').length >= 2"
+    )
+    assert page.locator("#chart-legend [data-series=succeeded]").inner_text() == f"Succeeded: {DEVICES}"
+    assert page.locator("[data-wave-duration]").count() == 2
+    assert all(t.startswith(" · took") for t in page.locator("[data-wave-duration]").all_inner_texts())
     page.screenshot(path=str(artifacts / "rollout-done-1280x800.png"), full_page=True)
     phone_page.wait_for_selector("#rollout-status[data-status=COMPLETED]", timeout=10_000)
     phone_page.screenshot(path=str(artifacts / "rollout-done-390x844.png"), full_page=True)
@@ -152,6 +164,18 @@ def test_rollout_from_the_portal_end_to_end(portal_harness: Harness, browser: An
     phone_page.goto(f"{base}/#/")
     phone_page.wait_for_selector("#fleet-table")
     phone_page.screenshot(path=str(artifacts / "fleet-390x844.png"), full_page=True)
+
+    # A device's page: its update in this rollout and the timeline of its reports and transitions
+    device = f"{prefix}00003"
+    page.goto(f"{base}/#/rollouts/{rollout_id}")
+    page.click(f"#device-table a[data-device-link='{device}']")
+    page.wait_for_selector("#device-timeline li[data-kind=report][data-event=SUCCEEDED]")
+    assert page.locator("#device-name").inner_text() == device
+    assert page.locator("#device-version").inner_text() == "1.1.0"
+    assert "SUCCEEDED" in page.locator(f"#device-updates tr[data-rollout='{rollout_id}']").inner_text()
+    names = page.eval_on_selector_all("#device-timeline li", "els => els.map(e => e.dataset.event)")
+    assert names.index("SUCCEEDED") < names.index("offer")  # newest first
+    page.screenshot(path=str(artifacts / "device-1280x800.png"), full_page=True)
 
     # The lists show the rollout too.
     page.goto(f"{base}/#/rollouts")
@@ -245,17 +269,22 @@ def test_portal_per_device_actions_roles_and_the_audit_page(
         page.on("pageerror", lambda e: console_errors.append(str(e)))
         return page
 
-    # When the operator cancels the last queued device from the "not offered yet" list
+    # When the operator lists the queued devices and cancels the last one
     page = page_for(operator)
     page.goto(f"{base}/#/rollouts/{rollout_id}")
     last = "act-a-00004"
-    page.wait_for_selector(f"#waiting-table tr[data-device='{last}'] [data-device-action=cancel]")
-    page.click(f"#waiting-table tr[data-device='{last}'] [data-device-action=cancel]")
+    page.wait_for_selector("#device-table tbody tr")
+    page.select_option("#device-filters-state", "QUEUED")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#device-table tbody tr')].every(r => r.dataset.state === 'QUEUED')"
+    )
+    page.click(f"#device-table tr[data-device='{last}'] [data-device-action=cancel]")
     assert "not been offered" in page.locator("#confirm-text").inner_text()
     page.click("#confirm-ok")
     page.wait_for_selector("#device-action-result")
     # Then it is CANCELED, and the corrupt device, once it has failed, can be retried
     assert {u.device_id: str(u.state) for u in h.updates(rollout_id)}[last] == "CANCELED"
+    page.select_option("#device-filters-state", "")
     failing = "act-0-00000"
     retry = f"#device-table tr[data-device='{failing}'] [data-device-action=retry]"
     page.wait_for_selector(retry, timeout=60_000)
@@ -288,3 +317,87 @@ def test_portal_per_device_actions_roles_and_the_audit_page(
     watcher.wait_for_selector("#viewer-notice")
     assert watcher.locator("#rollout-form").count() == 0
     assert console_errors == []
+
+
+def test_portal_pages_and_filters_a_2000_device_rollout(
+    portal_harness: Harness, browser: Any, artifacts: Path
+) -> None:
+    # Given 2,000 devices in a rollout: every tenth failed with a checksum error, half succeeded,
+    # the rest not offered yet (scheduled for tomorrow, so the engine leaves the rows as they are)
+    h = portal_harness
+    firmware_id = h.add_sample_firmware()
+    with session_scope(h.database_url) as session:
+        ids = add_devices(session, 2000, prefix="big-")
+        rollout = create_rollout(
+            session,
+            name="big",
+            firmware_id=firmware_id,
+            target=Target(device_ids=ids),
+            policy=RolloutPolicy(waves=["100%"]),
+            start_at=datetime.now(UTC) + timedelta(days=1),
+        )
+        session.flush()
+        rollout_id = rollout.id
+        for state, code, pick in (
+            ("FAILED", "checksum_mismatch", lambda i: i % 10 == 0),
+            ("SUCCEEDED", None, lambda i: i % 10 in (1, 2, 3, 4, 5)),
+        ):
+            chosen = [d for n, d in enumerate(ids) if pick(n)]
+            session.execute(
+                update(DeviceUpdate)
+                .where(DeviceUpdate.rollout_id == rollout_id, DeviceUpdate.device_id.in_(chosen))
+                .values(state=state, error_code=code, progress=100 if state == "SUCCEEDED" else 40)
+            )
+    secret = make_token(h.database_url, "viewer")
+    context = browser.new_context(viewport=DESKTOP)
+    context.add_init_script(f"localStorage.setItem('fleet.portal.token', {secret!r})")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    rows = "#device-table tbody tr"
+
+    def shown_ids() -> list[str]:
+        return page.eval_on_selector_all(rows, "els => els.map(e => e.dataset.device)")
+
+    # When the rollout page opens, it shows the first page of 50, in device id order
+    page.goto(f"{h.stack.api_url}/#/rollouts/{rollout_id}")
+    page.wait_for_function("document.querySelector('#devices-page-info')?.textContent.includes('of 2000')")
+    assert shown_ids() == ids[:50]
+    # Then paging forward twice and back once lands on the second page
+    page.click("#devices-page-next")
+    page.wait_for_function("document.querySelector('#devices-page-info').textContent.startsWith('Page 2')")
+    page.click("#devices-page-next")
+    page.wait_for_function("document.querySelector('#devices-page-info').textContent.startsWith('Page 3')")
+    assert shown_ids() == ids[100:150]
+    page.click("#devices-page-prev")
+    page.wait_for_function("document.querySelector('#devices-page-info').textContent.startsWith('Page 2')")
+    assert page.locator("#devices-page-info").inner_text() == "Page 2 · 51\u2013100 of 2000"
+    assert shown_ids() == ids[50:100]
+    # And a state filter counts and pages the 200 failed devices, 200 to a page
+    page.select_option("#device-filters-state", "FAILED")
+    page.wait_for_function("document.querySelector('#devices-page-info').textContent.endsWith('of 200')")
+    page.select_option("#devices-page-size", "200")
+    page.wait_for_function(f"document.querySelectorAll({rows!r}).length === 200")
+    assert shown_ids() == ids[::10]
+    assert page.locator("#devices-page-next").is_disabled()
+    assert set(page.eval_on_selector_all(rows, "els => els.map(e => e.dataset.state)")) == {"FAILED"}
+    # And the id search and the error filter narrow it on the server
+    page.fill("#device-filters-q", "big-0012")
+    page.fill("#device-filters-error_code", "checksum_mismatch")
+    page.click("#device-filters button[type=submit]")
+    page.wait_for_function(f"document.querySelectorAll({rows!r}).length === 1")
+    assert shown_ids() == ["big-00120"]
+    page.screenshot(path=str(artifacts / "rollout-2000-filtered-1280x800.png"), full_page=True)
+    # And the fleet page lists the devices too, paged and searchable
+    page.goto(f"{h.stack.api_url}/#/")
+    page.wait_for_selector("#fleet-devices tbody tr")
+    assert page.locator("#fleet-devices tbody tr").count() == 50
+    page.fill("#fleet-filters-q", "big-0199")
+    page.click("#fleet-filters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#fleet-devices tbody tr').length === 10")
+    page.click("#fleet-devices a[data-device-link='big-01990']")
+    page.wait_for_selector("#device-updates tr[data-rollout]")
+    assert page.locator("#device-name").inner_text() == "big-01990"
+    context.close()
+    assert errors == []

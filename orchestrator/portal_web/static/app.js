@@ -10,7 +10,6 @@
     "SOAKING", "ROLLING_BACK",
     "RETRYING", "SUCCEEDED", "FAILED", "ROLLED_BACK", "TIMED_OUT", "SKIPPED", "CANCELED",
   ];
-  const MAX_DEVICE_ROWS = 1000;
   const MAX_DEVICE_PAGES = 100;
 
   const view = document.getElementById("view");
@@ -335,6 +334,7 @@
 
   async function overviewView() {
     show(h("h1", {}, "Fleet"), h("p", { class: "muted" }, "Loading devices…"));
+    const list = views.fleetDevices();
     const { items, complete } = await allPages("/v1/devices?limit=1000", MAX_DEVICE_PAGES);
     const online = items.filter((d) => d.online).length;
     const byModel = new Map();
@@ -373,7 +373,9 @@
             h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", {}, "Version"),
               h("th", { class: "num" }, "Devices"), h("th", { class: "num" }, "Online"))),
             h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 4 }, "No devices yet.")))))),
+      list.node,
     );
+    await list.load();
   }
 
   async function firmwareView() {
@@ -651,89 +653,15 @@
     },
   };
 
-  const DEVICE_ACTIONS = {
-    retry: {
-      label: "Retry",
-      states: ["FAILED", "TIMED_OUT"],
-      title: (d) => `Retry ${d}?`,
-      text: "The device gets a new attempt in this rollout, offered as the policy allows. A device that " +
-        "failed while installing is not retried: it never installs the same update twice.",
-      done: "new attempt queued",
-    },
-    cancel: {
-      label: "Cancel",
-      states: ["PENDING", "QUEUED"],
-      title: (d) => `Cancel ${d}'s update?`,
-      text: "The device has not been offered the update yet and will not be. This cannot be undone.",
-      done: "canceled",
-    },
-    stop: {
-      label: "Stop",
-      states: ["OFFERED", "DOWNLOADING", "DOWNLOADED", "VERIFIED"],
-      title: (d) => `Ask ${d} to stop?`,
-      text: "The device drops the download and its update ends CANCELED. If it has already begun " +
-        "installing by the time it hears this, the install finishes: an install is never interrupted.",
-      done: "stop requested",
-    },
-  };
-
   async function rolloutView(rolloutId) {
-    const state = { detail: null, summary: null, devices: new Map(), renderQueued: false, error: null };
+    const state = { detail: null, summary: null, renderQueued: false, error: null };
     const head = h("div", { class: "rollout-head" });
     const overview = h("div", { class: "panel", id: "rollout-summary" });
     const wavesPanel = h("div", { class: "panel" });
-    const devicesPanel = h("div", { class: "panel" });
     const message = h("div", { id: "action-error" });
-    const waitingPanel = h("div", { class: "panel", id: "waiting-panel" });
-    show(head, message, overview, wavesPanel, waitingPanel, devicesPanel);
-
-    function deviceButtons(deviceId, deviceState) {
-      const action = Object.entries(DEVICE_ACTIONS).find(([, spec]) => spec.states.includes(deviceState));
-      if (!action) return null;
-      const [name, spec] = action;
-      return h("button", {
-        type: "button",
-        class: name === "retry" ? "secondary small" : "danger small",
-        "data-device-action": name,
-        "data-device": deviceId,
-        onclick: async () => {
-          if (!(await confirmAction(spec.title(deviceId), spec.text, spec.label))) return;
-          message.replaceChildren();
-          try {
-            const row = await api(`/v1/rollouts/${rolloutId}/devices/${encodeURIComponent(deviceId)}/${name}`,
-              { method: "POST" });
-            message.replaceChildren(h("p", { class: "notice", id: "device-action-result" },
-              `${deviceId}: ${spec.done} (${row.state}, attempt ${row.attempt})`));
-            const shown = state.devices.get(deviceId);
-            if (shown) {
-              // Show the answer at once; the next live document (e.g. the new offer) replaces it.
-              state.devices.set(deviceId, { ...shown, state: row.state, attempt: row.attempt,
-                progress: row.progress, error: row.error_code, ts: Date.now() / 1000 });
-              scheduleRender();
-            }
-            await loadWaiting();
-          } catch (err) {
-            message.replaceChildren(errorBox(err));
-          }
-        },
-      }, spec.label);
-    }
-
-    // Devices not offered yet have no live document: list a page of them from the API.
-    async function loadWaiting() {
-      const pages = await Promise.all(["QUEUED", "PENDING"].map((st) =>
-        api(`/v1/rollouts/${rolloutId}/devices?state=${st}&limit=50`)));
-      const waiting = pages.flatMap((p) => p.items);
-      fill(waitingPanel,
-        h("h2", {}, `Not offered yet (${waiting.length}${waiting.length >= 50 ? "+" : ""})`),
-        waiting.length ? h("div", { class: "table-wrap" }, h("table", { id: "waiting-table" },
-          h("tbody", {}, waiting.map((d) => h("tr", { "data-device": d.device_id },
-            h("td", {}, d.device_id), h("td", {}, badge(d.state)),
-            canWrite() ? h("td", { class: "row-actions" }, deviceButtons(d.device_id, d.state)) : null)))))
-          : h("p", { class: "muted" }, "Every device has been offered the update."));
-      waitingPanel.hidden = waiting.length === 0 && !waitingPanel.dataset.shown;
-      waitingPanel.dataset.shown = waitingPanel.dataset.shown || (waiting.length ? "1" : "");
-    }
+    const devices = views.rolloutDevices(rolloutId, message);
+    const chart = views.progressChart(rolloutId);
+    show(head, message, overview, chart.node, wavesPanel, devices.node);
 
     function current() {
       // The retained summary is the live truth; the REST detail fills in until it arrives.
@@ -810,30 +738,12 @@
         h("div", { class: "waves", id: "rollout-waves" }, c.waves.map((w) => h("div", { "data-wave": w.index },
           h("div", { class: "bar-label" },
             h("span", {}, `Wave ${w.index + 1} `, badge(w.status)),
-            h("span", { class: "muted" }, `${w.done} / ${w.size} done · ${w.succeeded} succeeded`)),
+            h("span", { class: "muted" }, `${w.done} / ${w.size} done · ${w.succeeded} succeeded`,
+              views.waveTiming(w))),
           bar(w.size ? w.done / w.size : 0, { busy: w.status === "RUNNING" })))),
       );
-      const devices = [...state.devices.values()].sort((a, b) => (a.device_id < b.device_id ? -1 : 1));
-      const rows = devices.slice(0, MAX_DEVICE_ROWS).map((d) => h("tr", { "data-device": d.device_id },
-        h("td", {}, d.device_id),
-        h("td", {}, badge(d.state)),
-        h("td", {}, bar((d.progress || 0) / 100, { mini: true, busy: !END_STATES.has(d.state) }),
-          h("span", {}, `${d.progress || 0}%`)),
-        h("td", { class: "num hide-sm" }, d.attempt),
-        h("td", { class: "hide-sm" }, d.running_version || "—"),
-        h("td", { class: d.error ? "error" : "muted" }, d.error || "—"),
-        canWrite() ? h("td", { class: "row-actions" }, deviceButtons(d.device_id, d.state)) : null));
-      fill(devicesPanel, 
-        h("h2", {}, `Devices (${devices.length})`),
-        devices.length > MAX_DEVICE_ROWS
-          ? h("p", { class: "muted" }, `Showing the first ${MAX_DEVICE_ROWS} by device id.`) : null,
-        h("div", { class: "table-wrap" },
-          h("table", { id: "device-table" },
-            h("thead", {}, h("tr", {}, h("th", {}, "Device"), h("th", {}, "State"), h("th", {}, "Progress"),
-              h("th", { class: "num hide-sm" }, "Attempt"), h("th", { class: "hide-sm" }, "Running"),
-              h("th", {}, "Error"), canWrite() ? h("th", {}, "Actions") : null)),
-            h("tbody", {}, rows))),
-      );
+      devices.setCounts(c.counts, c.total);
+      chart.live(c.counts, c.ts, ["RUNNING", "PAUSED"].includes(c.status));
     }
 
     function scheduleRender() {
@@ -843,15 +753,8 @@
     }
 
     const summaryTopic = `fleet/v1/portal/rollouts/${rolloutId}`;
-    const unsubscribe = subscribe([summaryTopic, `${summaryTopic}/devices/+`], (topic, doc) => {
-      if (topic === summaryTopic) {
-        if (doc && (!state.summary || doc.ts >= state.summary.ts)) state.summary = doc;
-      } else {
-        const deviceId = topic.slice(summaryTopic.length + "/devices/".length);
-        const known = state.devices.get(deviceId);
-        if (!doc) state.devices.delete(deviceId);
-        else if (!known || doc.ts >= known.ts) state.devices.set(deviceId, doc);
-      }
+    const unsubscribe = subscribe([summaryTopic], (_topic, doc) => {
+      if (doc && (!state.summary || doc.ts >= state.summary.ts)) state.summary = doc;
       scheduleRender();
     });
     render();
@@ -859,16 +762,20 @@
     try {
       state.detail = await api(`/v1/rollouts/${rolloutId}`);
       scheduleRender();
-      await loadWaiting();
+      await Promise.all([devices.load(), chart.load()]);
     } catch (err) {
       message.replaceChildren(errorBox(err));
     }
-    const poll = setInterval(() => loadWaiting().catch(() => {}), 3000);
     return () => {
-      clearInterval(poll);
+      devices.stop();
+      chart.stop();
       unsubscribe();
     };
   }
+
+  const views = window.fleetDeviceViews({
+    h, fill, show, badge, bar, fmtTime, api, errorBox, confirmAction, canWrite, subscribe, END_STATES, STATE_ORDER,
+  });
 
   // ------------------------------------------------------------------ routing
   let leave = null;
@@ -900,6 +807,11 @@
         nav = "firmware";
         markNav(nav);
         await firmwareView();
+      } else if (parts[0] === "devices" && parts[1]) {
+        markNav(nav);
+        const stop = await views.deviceView(decodeURIComponent(parts[1]));
+        if (mine === generation) leave = stop;
+        else stop();
       } else if (parts[0] === "audit") {
         nav = "audit";
         markNav(nav);
