@@ -31,6 +31,27 @@ from orchestrator.embedded import (
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With both external services set, a test over a database and a broker runs on the pairs
+    (SQLite, embedded) and (PostgreSQL, external) only: the mixed pairs test nothing the pure
+    ones do not, and cost CI minutes."""
+    if not (os.environ.get("FLEET_TEST_MQTT_URL") and os.environ.get("FLEET_TEST_DATABASE_URL")):
+        return
+    keep: list[pytest.Item] = []
+    mixed: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        broker, database = params.get("mqtt_broker"), params.get("migrated_database_template")
+        if broker is not None and database is not None and (broker == "external") != (database == "postgres"):
+            mixed.append(item)
+        else:
+            keep.append(item)
+    if mixed:
+        config.hook.pytest_deselected(items=mixed)
+        items[:] = keep
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which servers the fixtures will use, so a run's log says what it tested against."""
     from orchestrator.embedded import find_mosquitto, find_redis_server
