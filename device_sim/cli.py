@@ -119,6 +119,13 @@ def sim(
     stats_file: Annotated[
         Path | None, typer.Option(help="At exit, write counters, installs and sent report seqs here (JSON).")
     ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="fleet (fleet's agent) or aws-jobs (the AWS IoT Jobs API through the unmodified awsiotsdk; "
+            "register the devices first with protocol aws-jobs)"
+        ),
+    ] = "fleet",
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "warning",
 ) -> None:
     """Connect N simulated devices and let them follow their desired documents until Ctrl-C/SIGTERM."""
@@ -149,7 +156,10 @@ def sim(
             stats_file=stats_file,
             tls_ca=tls_ca,
             tls_cert_dir=tls_cert_dir,
+            protocol=protocol,
         )
+        if protocol not in ("fleet", "aws-jobs"):
+            raise ValueError(f"--protocol must be fleet or aws-jobs, not {protocol!r}")
         config.resolved_profile()
         BrokerAddress.parse(broker)
         reserved = [d for d in config.ids()[:1] if is_reserved_device_id(d)]

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -36,6 +36,9 @@ from device_sim.installer import Installer, SimulatedInstaller
 from device_sim.mqtt_link import BrokerAddress
 from device_sim.profiles import Profile, get_profile
 from device_sim.state_store import JsonStateStore, MemoryStateStore, StateStore
+
+if TYPE_CHECKING:
+    from device_sim.aws_device import AwsJobsDevice
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,6 +92,7 @@ class FleetConfig:
     stats_file: Path | None = None  # write counters, installs and every sent report's seq here at exit
     tls_ca: Path | None = None  # with an mqtts:// broker: the CA that signed the broker's certificate
     tls_cert_dir: Path | None = None  # per-device client certificates ID.crt / ID.key (mutual TLS)
+    protocol: str = "fleet"  # or "aws-jobs": the devices speak the AWS IoT Jobs API through awsiotsdk
 
     def ids(self) -> list[str]:
         """The device ids, e.g. ``sim-00000`` .. ``sim-01999``."""
@@ -150,6 +154,8 @@ class FleetConfig:
             argv += ["--tls-ca", str(self.tls_ca)]
         if self.tls_cert_dir is not None:
             argv += ["--tls-cert-dir", str(self.tls_cert_dir)]
+        if self.protocol != "fleet":
+            argv += ["--protocol", self.protocol]
         return argv
 
 
@@ -170,6 +176,7 @@ class SimulatedFleet:
         if config.stats_file is not None:
             self.stats.sent = {}
         self.agents: list[DeviceAgent] = []
+        self.aws_devices: list[AwsJobsDevice] = []
         self._by_id: dict[str, DeviceAgent] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: AgentContext | None = None
@@ -216,6 +223,15 @@ class SimulatedFleet:
         labels = dict(cfg.labels)  # one dict shared by every agent
         self._t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        if cfg.protocol == "aws-jobs":
+            # The SDK (awscrt) is loaded only for AWS devices.
+            from device_sim.aws_device import AwsJobsDevice
+
+            for device_id in ids:
+                device = AwsJobsDevice(device_id, cfg.model, cfg.version, self._ctx)
+                self.aws_devices.append(device)
+                self._tasks.append(loop.create_task(self._start_aws(device)))
+            ids = []
         for device_id in ids:
             store: StateStore = _SHARED_MEMORY_STORE
             if cfg.state_dir is not None:
@@ -224,7 +240,7 @@ class SimulatedFleet:
             self.agents.append(agent)
             self._by_id[device_id] = agent
             self._tasks.append(loop.create_task(agent.run()))
-        if not ids:
+        if not ids and not self.aws_devices:
             self._all_connected.set()
         if wait:
             await self.wait_connected(timeout)
@@ -248,6 +264,7 @@ class SimulatedFleet:
                     await agent.stop(grace)
 
         await asyncio.gather(*(stop_one(a) for a in self.agents))
+        await asyncio.gather(*(d.stop() for d in self.aws_devices), return_exceptions=True)
         _done, pending = await asyncio.wait(self._tasks, timeout=10.0) if self._tasks else (set(), set())
         for task in pending:
             task.cancel()
@@ -279,7 +296,9 @@ class SimulatedFleet:
 
     def versions(self) -> dict[str, str]:
         """Running version per device."""
-        return {a.device_id: a.running_version for a in self.agents}
+        versions = {a.device_id: a.running_version for a in self.agents}
+        versions.update({d.thing: d.running_version for d in self.aws_devices})
+        return versions
 
     @property
     def connected(self) -> int:
@@ -307,12 +326,12 @@ class SimulatedFleet:
 
     def stats_document(self) -> dict[str, Any]:
         """What the fleet did, device side: counters, installs per device, seqs of every sent report."""
-        installs: dict[str, int] = {}
+        installs: dict[str, int] = {d.thing: d.installs for d in self.aws_devices if d.installs}
         if isinstance(self.installer, SimulatedInstaller):
             for (device_id, _update_id), count in self.installer.installs.items():
                 installs[device_id] = installs.get(device_id, 0) + count
         return {
-            "devices": len(self.agents),
+            "devices": len(self.agents) + len(self.aws_devices),
             "reports": dict(self.stats.reports),
             "finished": dict(self.stats.finished),
             "reconnects": self.stats.reconnects,
@@ -321,11 +340,17 @@ class SimulatedFleet:
             "versions": self.versions(),
         }
 
+    async def _start_aws(self, device: AwsJobsDevice) -> None:
+        assert self._ctx is not None and self._ctx.connect_gate is not None
+        async with self._ctx.connect_gate:
+            await device.start()
+        self._on_connect(1)
+
     def _on_connect(self, count: int) -> None:
         self.stats.on_connect(count)
         if count != 1:
             return
-        total = len(self.agents) or self.config.devices
+        total = len(self.agents) + len(self.aws_devices) or self.config.devices
         if self.on_progress is not None:
             self.on_progress(self.stats.connected, total)
         if self.stats.connected >= total and self._all_connected is not None:

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     mqtt_v5: bool = Field(
         default=True, description="services speak MQTT 5 to the broker (Mosquitto, EMQX; false for amqtt)"
     )
+    aws_jobs: bool = Field(
+        default=True,
+        description="serve the AWS IoT Jobs device API on $aws/things/T/jobs/; needs a broker that lets "
+        "clients publish to $-topics (Mosquitto, EMQX; not amqtt 0.12)",
+    )
     mqtt_shared_subscriptions: bool = Field(
         default=False,
         description="several ingest processes share the reports through $share/ (needs MQTT 5)",

@@ -46,6 +46,8 @@ class StackSettings:
             FLEET_REDIS_URL=self.redis_url,
             FLEET_MQTT_URL=self.mqtt_url,
             FLEET_MQTT_V5="true" if self.mqtt5 else "false",
+            # amqtt (the broker without MQTT 5 here) refuses client publishes to $aws/... topics
+            FLEET_AWS_JOBS="true" if self.mqtt5 else "false",
             FLEET_MQTT_SHARED_SUBSCRIPTIONS="true" if self.shared_subscriptions and self.mqtt5 else "false",
             FLEET_API_PORT=str(self.api_port),
             FLEET_PUBLIC_BASE_URL=f"http://127.0.0.1:{self.api_port}",

@@ -42,6 +42,7 @@ def register_device(body: DeviceCreate, session: DbSession, token: Operator) -> 
         firmware_version=body.firmware_version,
         labels=body.labels,
         actor=actor(token),
+        protocol=body.protocol,
     )
     return DeviceOut.model_validate(device)
 

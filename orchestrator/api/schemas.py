@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -65,6 +65,9 @@ class DeviceCreate(BaseModel):
     model: Name = Field(examples=["sensor-v2"])
     firmware_version: Name = Field(examples=["1.0.0"])
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+    protocol: Literal["fleet", "aws-jobs"] = Field(
+        "fleet", description="fleet: fleet's device agent; aws-jobs: the AWS IoT Jobs MQTT API"
+    )
 
 
 class DeviceOut(_Out):
@@ -76,6 +79,7 @@ class DeviceOut(_Out):
     online: bool
     slot: str | None = Field(None, examples=["a"])
     agent_version: str | None = None
+    protocol: str = Field("fleet", examples=["fleet"], description="fleet or aws-jobs")
     last_seen: datetime | None = None
     created_at: datetime
 

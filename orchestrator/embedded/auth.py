@@ -65,14 +65,21 @@ class Permissions:
 # "{id}" stands for the device's own id (its username).
 ROLE_PERMISSIONS: Mapping[Role, Permissions] = {
     Role.DEVICE: Permissions(
-        read=(f"{TOPIC_ROOT}/devices/{_ID}/desired",),
+        # fleet's protocol, and the AWS IoT Jobs API of the thing named like the device
+        read=(f"{TOPIC_ROOT}/devices/{_ID}/desired", f"$aws/things/{_ID}/jobs/#"),
         write=(
             f"{TOPIC_ROOT}/devices/{_ID}/report",
             f"{TOPIC_ROOT}/devices/{_ID}/info",
             f"{TOPIC_ROOT}/devices/{_ID}/online",
+            f"$aws/things/{_ID}/jobs/get",
+            f"$aws/things/{_ID}/jobs/start-next",
+            f"$aws/things/{_ID}/jobs/+/get",
+            f"$aws/things/{_ID}/jobs/+/update",
         ),
     ),
-    Role.SERVICE: Permissions(read=(f"{TOPIC_ROOT}/#",), write=(f"{TOPIC_ROOT}/#",)),
+    Role.SERVICE: Permissions(
+        read=(f"{TOPIC_ROOT}/#", "$aws/things/+/jobs/#"), write=(f"{TOPIC_ROOT}/#", "$aws/things/+/jobs/#")
+    ),
     Role.PORTAL: Permissions(read=(f"{TOPIC_ROOT}/portal/#",), write=()),
 }
 

@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from orchestrator.engine.desired import desired_message
+from orchestrator.engine.job_notices import AWS_THINGS, offer_notices
 from orchestrator.engine.runtime import Runtime
 from orchestrator.models import Device, DeviceUpdate, Firmware, Rollout, utcnow
 from orchestrator.pacing import rate_room
@@ -184,17 +185,23 @@ def publish_offers(rt: Runtime, rows: Sequence[MovedRow], firmware_id: int) -> N
     """The download-stage desired document and the portal document of each offered row."""
     firmware = firmware_of(rt, firmware_id)
     messages: list[tuple[str, bytes]] = []
+    with rt.sessions() as session:
+        aws = AWS_THINGS.among(session, (row.device_id for row in rows), enabled=rt.settings.aws_jobs)
+    jobs: list[tuple[str, bytes]] = []
     for row in rows:
-        messages.append(
-            desired_message(
-                rt.settings,
-                update_id=row.id,
-                attempt=row.attempt,
-                stage=Stage.DOWNLOAD,
-                device_id=row.device_id,
-                firmware=firmware,
+        if row.device_id in aws:
+            jobs += offer_notices(rt.settings, firmware, row.device_id, row.id, row.attempt)
+        else:
+            messages.append(
+                desired_message(
+                    rt.settings,
+                    update_id=row.id,
+                    attempt=row.attempt,
+                    stage=Stage.DOWNLOAD,
+                    device_id=row.device_id,
+                    firmware=firmware,
+                )
             )
-        )
         messages.append(
             device_message(
                 rollout_id=row.rollout_id,
@@ -205,3 +212,5 @@ def publish_offers(rt: Runtime, rows: Sequence[MovedRow], firmware_id: int) -> N
             )
         )
     rt.publisher.publish_many(messages)
+    if jobs:
+        rt.publisher.publish_many(jobs, retain=False)

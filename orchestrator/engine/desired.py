@@ -12,6 +12,19 @@ def firmware_url(settings: Settings, firmware_id: int) -> str:
     return f"{settings.public_base_url.rstrip('/')}/v1/firmware/{firmware_id}/content"
 
 
+def firmware_ref(settings: Settings, firmware: Firmware, device_id: str) -> FirmwareRef:
+    """The image, where to fetch it, and a download token for ``device_id`` alone."""
+    return FirmwareRef(
+        model=firmware.model,
+        version=firmware.version,
+        size=firmware.size,
+        sha256=firmware.sha256,
+        signature=firmware.signature,
+        url=firmware_url(settings, firmware.id),
+        token=make_download_token(settings.secret_key, firmware.id, device_id),
+    )
+
+
 def desired_message(
     settings: Settings,
     *,
@@ -24,15 +37,7 @@ def desired_message(
     install_before: float | None = None,
 ) -> tuple[str, bytes]:
     """(topic, payload) telling ``device_id`` what to do for this update and attempt."""
-    ref = FirmwareRef(
-        model=firmware.model,
-        version=firmware.version,
-        size=firmware.size,
-        sha256=firmware.sha256,
-        signature=firmware.signature,
-        url=firmware_url(settings, firmware.id),
-        token=make_download_token(settings.secret_key, firmware.id, device_id),
-    )
+    ref = firmware_ref(settings, firmware, device_id)
     doc = Desired(
         update_id=update_id,
         attempt=attempt,

@@ -28,6 +28,7 @@ from sqlalchemy import or_, select, update
 
 from orchestrator.engine.admission import admit, firmware_of
 from orchestrator.engine.desired import clear_desired_message, desired_message
+from orchestrator.engine.job_notices import AWS_THINGS, cancel_notices, offer_notices
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.waves import close_wave, halt_if_threshold_reached, wave_is_open
 from orchestrator.maintenance_windows import current_window
@@ -80,8 +81,20 @@ def _publish_stage(
             )
         ).all()
     messages = []
+    jobs: list[tuple[str, bytes]] = []
     now = utcnow()
+    with rt.sessions() as session:
+        aws = AWS_THINGS.among(session, (row[2] for row in rows), enabled=rt.settings.aws_jobs)
     for update_id, attempt, device_id, firmware_id, rollout_id, created_at, policy_doc in rows:
+        if device_id in aws:
+            # An AWS Jobs device runs its job to the end by itself: only offers and stops have a notice.
+            if stage is Stage.DOWNLOAD:
+                jobs += offer_notices(
+                    rt.settings, firmware_of(rt, firmware_id), device_id, update_id, attempt
+                )
+            elif stage is Stage.CANCEL:
+                jobs += cancel_notices(device_id)
+            continue
         heartbeat: float | None = None
         install_before: float | None = None
         policy = policy_of(rollout_id, created_at, policy_doc)
@@ -106,8 +119,11 @@ def _publish_stage(
         )
     if messages:
         rt.publisher.publish_many(messages)
+    if jobs:
+        rt.publisher.publish_many(jobs, retain=False)
+    if messages or jobs:
         rt.marks.mark(*{row[4] for row in rows})
-    return len(messages)
+    return len(messages) + len(jobs) // 2
 
 
 def install(rt: Runtime, update_ids: Sequence[int]) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from orchestrator.aws_jobs import RequestTopic, parse_request_topic
 from orchestrator.models import utcnow
 from orchestrator.protocol import (
     DEVICE_ID_PATTERN,
@@ -93,9 +94,11 @@ class Parsed:
     infos: dict[str, DeviceInfo] = field(default_factory=dict)
     presence: dict[str, bool] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    # AWS IoT Jobs requests, in arrival order (the gateway answers them one by one)
+    jobs: list[tuple[RequestTopic, bytes]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.reports or self.infos or self.presence or self.rejected)
+        return bool(self.reports or self.infos or self.presence or self.rejected or self.jobs)
 
 
 class Guard:
@@ -113,6 +116,9 @@ class Guard:
         may come empty (dropped on receipt): ``size`` tells."""
         out = Parsed()
         for topic, payload, retained, size in messages:
+            if topic.startswith("$aws/"):
+                self._jobs_request(out, topic, payload, retained, size)
+                continue
             parts = device_topic_parts(topic)
             if parts is None or not _DEVICE_ID.match(parts[0]):
                 self.stats["unexpected_topic"] += 1
@@ -155,6 +161,32 @@ class Guard:
                 self.stats[f"malformed_{kind}"] += 1
                 self._reject(out, device_id, kind, _first_line(exc))
         return out
+
+    def _jobs_request(self, out: Parsed, topic: str, payload: bytes, retained: bool, size: int) -> None:
+        """Same bounds as a report: a known request topic, no retained message, the device's rate,
+        the payload size. The gateway validates the body, so it can answer a bad one."""
+        request = parse_request_topic(topic)
+        if request is None:
+            self.stats["unexpected_topic"] += 1
+            return
+        thing = request.thing
+        if is_reserved_device_id(thing):
+            self.stats["reserved_device_id"] += 1
+            self.logs.warning("jobs request on %s ignored: %r is a reserved name", topic, thing)
+            return
+        if retained:
+            self.stats["retained_report_ignored"] += 1
+            self._reject(out, thing, "jobs", "retained jobs request")
+            return
+        if not self.limiter.allow(thing):
+            self.stats["throttled"] += 1
+            self._throttled(thing)
+            return
+        if size > MAX_DEVICE_PAYLOAD:
+            self.stats["oversized_jobs"] += 1
+            self._reject(out, thing, "jobs", f"payload of {size} bytes > {MAX_DEVICE_PAYLOAD}")
+            return
+        out.jobs.append((request, bytes(payload)))
 
     def _reject(self, out: Parsed, device_id: str, kind: str, reason: str) -> None:
         self.logs.warning("%s from %s rejected: %s", kind, device_id, reason)

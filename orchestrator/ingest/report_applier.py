@@ -90,6 +90,8 @@ class BatchOutcome:
     counters: Counter[str] = field(default_factory=Counter)
     # report ts (device clock) per applied report, for latency measurement
     applied_ts: list[float] = field(default_factory=list)
+    # AWS IoT Jobs replies and notifications (not retained)
+    jobs_replies: list[tuple[str, bytes]] = field(default_factory=list)
 
     def merge(self, other: BatchOutcome) -> None:
         self.portal += other.portal
@@ -100,6 +102,7 @@ class BatchOutcome:
         self.dirty_rollouts |= other.dirty_rollouts
         self.counters.update(other.counters)
         self.applied_ts += other.applied_ts
+        self.jobs_replies += other.jobs_replies
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from orchestrator.aws_jobs import REQUEST_SUBSCRIPTIONS
 from orchestrator.config import Settings
 from orchestrator.db import session_factory
 from orchestrator.engine.dispatch import DispatchFailed, sender_for
@@ -42,6 +43,7 @@ from orchestrator.engine.progress import DirtyMarks
 from orchestrator.ingest.guard import Guard, Parsed, rejected_event
 from orchestrator.ingest.ingest_metrics import IngestMetrics
 from orchestrator.ingest.inventory import apply_inventory
+from orchestrator.ingest.jobs_gateway import JobsGateway
 from orchestrator.ingest.read_gate import ReadGate
 from orchestrator.ingest.report_applier import BatchOutcome, ReportApplier
 from orchestrator.models import Event
@@ -81,6 +83,7 @@ class IngestService:
         self.dispatch = sender_for(settings)
         self.guard = Guard(settings.ingest_device_rate, settings.ingest_device_burst)
         self.applier = ReportApplier()
+        self.gateway = JobsGateway(settings)
         self.stats: Counter[str] = Counter()
         self.latencies_ms: deque[float] = deque(maxlen=20000)
         self.metrics = IngestMetrics()
@@ -170,7 +173,11 @@ class IngestService:
         report_topic = REPORT_SUBSCRIPTION
         if self.shared:
             report_topic = f"$share/{self.settings.ingest_share_group}/{REPORT_SUBSCRIPTION}"
-        await client.subscribe([(report_topic, 1), (INFO_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1)])
+        jobs = [
+            (f"$share/{self.settings.ingest_share_group}/{t}" if self.shared else t, 1)
+            for t in (REQUEST_SUBSCRIPTIONS if self.settings.aws_jobs else ())
+        ]
+        await client.subscribe([(report_topic, 1), (INFO_SUBSCRIPTION, 1), (ONLINE_SUBSCRIPTION, 1), *jobs])
         queue: asyncio.Queue[Incoming] = asyncio.Queue()
         high = self.settings.ingest_max_backlog
         self._publisher_failed = False
@@ -245,6 +252,7 @@ class IngestService:
         # Steps and portal marks go out on their own thread: a Redis outage must not hold up reports.
         self._followers.submit(self._after_commit, outcome)
         await asyncio.gather(*(self._publish(publisher, t, p) for t, p in outcome.portal))
+        await asyncio.gather(*(self._publish(publisher, t, p, retain=False) for t, p in outcome.jobs_replies))
         now = time.time()
         self.latencies_ms.extend((now - ts) * 1000 for ts in outcome.applied_ts)
         self.metrics.latencies(now - ts for ts in outcome.applied_ts)
@@ -268,13 +276,24 @@ class IngestService:
         singles += [Parsed(infos={d: i}) for d, i in parsed.infos.items()]
         singles += [Parsed(presence={d: p}) for d, p in parsed.presence.items()]
         singles += [Parsed(reports=[r]) for r in parsed.reports]
+        singles += [Parsed(jobs=[j]) for j in parsed.jobs]
         for single in singles:
             try:
                 outcome.merge(self._apply_all(single))
             except Exception as exc:
                 if _transient(exc):
                     raise DatabaseUnavailable(str(exc)) from exc
-                device = next(iter([*single.infos, *single.presence, *(d for d, _ in single.reports)]), "?")
+                device = next(
+                    iter(
+                        [
+                            *single.infos,
+                            *single.presence,
+                            *(d for d, _ in single.reports),
+                            *(t.thing for t, _ in single.jobs),
+                        ]
+                    ),
+                    "?",
+                )
                 self.guard.logs.warning("message from %s rejected by the database: %s", device, _short(exc))
                 self.stats["poison"] += 1
                 with contextlib.suppress(Exception), self.sessions() as session:
@@ -294,6 +313,18 @@ class IngestService:
                 if parsed.reports:
                     outcome = self.applier.apply(session, parsed.reports)
                 session.commit()
+                # One by one, each seeing what the one before changed (a start-next right after
+                # a SUCCEEDED must not get the finished job again).
+                for request in parsed.jobs:
+                    answered = self.gateway.handle(session, [request])
+                    if answered.reports:
+                        outcome.merge(self.applier.apply(session, answered.reports))
+                    session.commit()
+                    outcome.jobs_replies += answered.replies
+                    now = time.time()
+                    for thing in sorted(answered.changed_things):
+                        outcome.jobs_replies += self.gateway.notifications(session, thing, now)
+                    session.commit()
             except BaseException:
                 session.rollback()
                 raise
@@ -324,10 +355,12 @@ class IngestService:
         self.stats["steps_sent"] += len(outcome.install_ids) + len(outcome.finalize_ids)
         self.marks.mark(*outcome.dirty_rollouts)
 
-    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
-        """Retained QoS 1 publish that cannot hang the loop on a lost acknowledgement."""
+    async def _publish(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool = True
+    ) -> None:
+        """QoS 1 publish (retained unless told) that cannot hang the loop on a lost acknowledgement."""
         try:
-            await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
+            await client.publish(topic, payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT_S)
         except aiomqtt.MqttError:
             self.stats["portal_publish_failed"] += 1
             self._publisher_failed = True

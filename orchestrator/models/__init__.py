@@ -8,6 +8,7 @@ from orchestrator.models.device_group import DeviceGroup
 from orchestrator.models.device_update import DeviceUpdate
 from orchestrator.models.event import Event
 from orchestrator.models.firmware import Firmware
+from orchestrator.models.job_execution import JobExecution
 from orchestrator.models.rollout import Rollout
 from orchestrator.models.wave import Wave
 from orchestrator.models.webhook import WebhookCursor, WebhookDelivery, WebhookEndpoint
@@ -21,6 +22,7 @@ __all__ = [
     "DeviceUpdate",
     "Event",
     "Firmware",
+    "JobExecution",
     "Rollout",
     "Wave",
     "WebhookCursor",

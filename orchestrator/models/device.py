@@ -21,6 +21,8 @@ class Device(Base):
     # Set by operators only; what the device reports (labels) never overwrites them.
     tags: Mapped[list[str]] = mapped_column(default=list, server_default="[]")
     online: Mapped[bool] = mapped_column(default=False)
+    # How the device talks: "fleet" (fleet's agent) or "aws-jobs" (the AWS IoT Jobs MQTT API).
+    protocol: Mapped[str] = mapped_column(String(16), default="fleet", server_default="fleet")
     slot: Mapped[str | None] = mapped_column(String(8))
     agent_version: Mapped[str | None] = mapped_column(String(64))
     last_seen: Mapped[datetime | None]

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from orchestrator.aws_jobs import PROTOCOL as AWS_PROTOCOL
 from orchestrator.errors import AlreadyExists, InvalidInput, NotFound
 from orchestrator.models import Device, Event, utcnow
 from orchestrator.protocol import DEVICE_ID_PATTERN
@@ -24,6 +25,7 @@ MAX_LABELS = 32
 MAX_LABEL_VALUE = 128
 
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+_THING = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _NAME = re.compile(NAME_PATTERN)
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 
@@ -49,8 +51,13 @@ def register_device(
     firmware_version: str,
     labels: dict[str, str] | None = None,
     actor: str = "operator",
+    protocol: str = "fleet",
 ) -> Device:
     """Add a device to the inventory (offline until it connects). Commits.
+
+    A device of protocol ``aws-jobs`` counts as online from the start: the AWS Jobs API has no
+    presence, and its jobs wait for it in the queue as they would on AWS. Its id must also be a
+    valid AWS thing name.
 
     Preconditions: ``device_id`` matches ``protocol.DEVICE_ID_PATTERN`` and is not registered yet
     (else AlreadyExists); ``model`` and ``firmware_version`` match NAME_PATTERN; labels pass
@@ -61,6 +68,10 @@ def register_device(
     for field, value in (("model", model), ("firmware_version", firmware_version)):
         if not _NAME.match(value):
             raise InvalidInput(f"{field} {value!r} must match {NAME_PATTERN}", field=field)
+    if protocol not in ("fleet", AWS_PROTOCOL):
+        raise InvalidInput(f"protocol must be fleet or {AWS_PROTOCOL}", field="protocol")
+    if protocol == AWS_PROTOCOL and not _THING.match(device_id):
+        raise InvalidInput("an aws-jobs device id must be a thing name: letters, digits, _ and -", field="id")
     labels = dict(labels or {})
     check_labels(labels)
     if session.scalar(select(Device.id).where(Device.id == device_id)) is not None:
@@ -71,7 +82,8 @@ def register_device(
         model=model,
         firmware_version=firmware_version,
         labels=labels,
-        online=False,
+        online=protocol == AWS_PROTOCOL,
+        protocol=protocol,
         created_at=now,
     )
     session.add(device)
@@ -80,7 +92,12 @@ def register_device(
             kind="inventory",
             name="device_registered",
             device_id=device_id,
-            detail={"actor": actor, "model": model, "firmware_version": firmware_version},
+            detail={
+                "actor": actor,
+                "model": model,
+                "firmware_version": firmware_version,
+                "protocol": protocol,
+            },
             created_at=now,
         )
     )

@@ -25,6 +25,19 @@ def test_register_then_get(client: TestClient, operator: dict[str, str], session
     assert event is not None and event.name == "device_registered" and event.detail["actor"] == "api:ops"
 
 
+def test_register_a_device_that_speaks_the_aws_jobs_api(client: TestClient, operator: dict[str, str]) -> None:
+    body = {**NEW, "id": "thing-7", "protocol": "aws-jobs"}
+    response = client.post("/v1/devices", headers=operator, json=body)
+    assert response.status_code == 201, response.text
+    # no presence in the AWS Jobs API: it counts as online, and its jobs wait for it
+    assert response.json()["protocol"] == "aws-jobs" and response.json()["online"] is True
+    assert client.get("/v1/devices/thing-7", headers=operator).json()["protocol"] == "aws-jobs"
+    assert client.post("/v1/devices", headers=operator, json=NEW).json()["protocol"] == "fleet"
+    # a device id that is no AWS thing name (a dot) is refused for aws-jobs only
+    dotted = {**NEW, "id": "thing.8", "protocol": "aws-jobs"}
+    assert_error(client.post("/v1/devices", headers=operator, json=dotted), 422, "invalid_input", "id")
+
+
 def test_register_duplicate_is_409(client: TestClient, operator: dict[str, str]) -> None:
     assert client.post("/v1/devices", headers=operator, json=NEW).status_code == 201
     assert_error(client.post("/v1/devices", headers=operator, json=NEW), 409, "already_exists", "id")
@@ -40,6 +53,7 @@ BAD_FIELDS: list[tuple[dict[str, object], str]] = [
     ({"labels": {"k": "v\x00"}}, "labels.k"),
     ({"labels": {"k": 3}}, "labels.k"),
     ({"extra": 1}, "extra"),
+    ({"protocol": "lwm2m"}, "protocol"),
 ]
 
 

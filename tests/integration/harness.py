@@ -24,6 +24,7 @@ from orchestrator.local_stack import LocalStack, StackSettings, wait_until
 from orchestrator.models import Device, DeviceUpdate, Event, Rollout
 from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.services import rollout_service
+from orchestrator.services.device_service import register_device
 from orchestrator.services.firmware_service import add_firmware
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.state_machines import UPDATE_IN_FLIGHT
@@ -115,7 +116,20 @@ class Harness:
         fail_rates: dict[str, float] | None = None,
         seed: int = 7,
         version: str = "1.0.0",
+        protocol: str = "fleet",
     ) -> subprocess.Popen[str]:
+        """Spawn ``fleet sim``. Devices of protocol aws-jobs are registered here first (fleet's
+        agent registers itself; an AWS Jobs device has no such message)."""
+        if protocol == "aws-jobs":
+            with session_scope(self.database_url) as s:
+                for index in range(devices):
+                    register_device(
+                        s,
+                        device_id=f"{prefix}{index:05d}",
+                        model="sensor-v2",
+                        firmware_version=version,
+                        protocol=protocol,
+                    )
         config = FleetConfig(
             broker_url=self.broker_url,
             devices=devices,
@@ -128,6 +142,7 @@ class Harness:
             params=dict(params or {}),
             fail_rates=dict(fail_rates or {}),
             state_dir=self.stack.settings.data_dir / f"devices-{prefix}",
+            protocol=protocol,
         )
         proc = spawn_fleet(config)
         self.fleets.append(proc)

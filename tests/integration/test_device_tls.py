@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import secrets
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.fleet import FleetConfig, spawn_fleet
 from orchestrator import pki
-from orchestrator.config import DEV_PUBLIC_KEY, Settings
+from orchestrator.config import DEV_PUBLIC_KEY, REPO_ROOT, Settings
+from orchestrator.db import session_scope
 from orchestrator.embedded import MosquittoBroker, MqttUser, Role, TlsFiles, find_mosquitto
 from orchestrator.engine import client as engine_client
 from orchestrator.local_stack import LocalStack, StackSettings
 from orchestrator.policy import RolloutPolicy
+from orchestrator.services.device_service import register_device
 from tests.conftest import unavailable
 from tests.integration.harness import QUICK_REAL, Harness
 
@@ -141,5 +145,84 @@ def test_a_certificate_is_one_device_and_a_foreign_one_is_refused(tmp_path: Path
         time.sleep(0.05)
     assert "fleet/v1/devices/tls-00001/online" in seen
     assert "fleet/v1/devices/tls-00002/report" not in seen
+    # and on the AWS IoT Jobs topics it may ask only as its own thing, and hears only its own
+    watcher.subscribe("$aws/things/+/jobs/#", qos=1)
+    attacker.subscribe("$aws/things/tls-00002/jobs/#", qos=1)
+    time.sleep(0.3)
+    attacker.publish("$aws/things/tls-00002/jobs/get", b"{}", qos=1).wait_for_publish(5)
+    attacker.publish("$aws/things/tls-00001/jobs/notify", b"{}", qos=1).wait_for_publish(5)
+    attacker.publish("$aws/things/tls-00001/jobs/get", b"{}", qos=1).wait_for_publish(5)
+    watcher.publish("$aws/things/tls-00002/jobs/notify", b"{}", qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 5
+    while "$aws/things/tls-00001/jobs/get" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "$aws/things/tls-00001/jobs/get" in seen
+    assert "$aws/things/tls-00002/jobs/get" not in seen and "$aws/things/tls-00001/jobs/notify" not in seen
+    assert not [t for t, _ in state["messages"] if "tls-00002" in t]
     attacker.disconnect()
     watcher.disconnect()
+
+
+def test_the_aws_sdk_script_in_the_docs_updates_a_device_by_its_certificate(
+    tmp_path: Path, tls_broker: Any, redis_url: str, database_url: str
+) -> None:
+    broker, ca = tls_broker
+    if not database_url.startswith("sqlite"):
+        pytest.skip("runs once, on SQLite")
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    client.close()
+    engine_client.use_settings(Settings(redis_url=redis_url, database_url=database_url))
+    settings = StackSettings(
+        data_dir=tmp_path / "stack",
+        database_url=database_url,
+        redis_url=redis_url,
+        mqtt_url=broker.service_url,
+        extra_env={
+            "FLEET_MQTT_USERNAME": SERVICE.username,
+            "FLEET_MQTT_PASSWORD": SERVICE.password,
+            "FLEET_RECONCILE_INTERVAL_S": "1",
+        },
+    )
+    thing = "tls-00002"
+    with LocalStack(settings) as stack:
+        stack.start_all()
+        h = Harness(stack, broker.host, broker.service_port)
+        # Given a thing registered with protocol aws-jobs and a rollout that targets it
+        with session_scope(database_url) as session:
+            register_device(
+                session, device_id=thing, model="sensor-v2", firmware_version="1.0.0", protocol="aws-jobs"
+            )
+        rollout_id = h.start_rollout(thing, RolloutPolicy(waves=["100%"]))
+        # When the script from docs/ runs as written, with the thing's certificate
+        script = subprocess.run(
+            [
+                sys.executable,
+                str(REPO_ROOT / "docs" / "aws_jobs_device.py"),
+                "--endpoint",
+                "localhost",
+                "--port",
+                str(broker.tls_port),
+                "--ca",
+                str(ca / pki.CA_CERT),
+                "--cert",
+                str(ca / "devices" / f"{thing}.crt"),
+                "--key",
+                str(ca / "devices" / f"{thing}.key"),
+                "--thing",
+                thing,
+                "--idle",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        # Then it took the job and the update ended SUCCEEDED, with the new version recorded
+        assert script.returncode == 0, script.stderr[-2000:]
+        assert '"error"' not in script.stdout, script.stdout
+        assert '"version": "1.1.0"' in script.stdout, script.stdout
+        assert h.wait_status(rollout_id, "COMPLETED", timeout=30) == "COMPLETED"
+        assert h.counts(rollout_id) == {"SUCCEEDED": 1} and h.versions(thing) == {"1.1.0": 1}
+        h.stop()

@@ -1,0 +1,163 @@
+"""The AWS IoT Jobs device API answered from SQL, step by step: requests, replies, and the fleet
+reports the device's updates turn into, applied by the same report applier as fleet's own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.aws_jobs import RequestTopic, parse_request_topic
+from orchestrator.config import Settings
+from orchestrator.db import session_scope
+from orchestrator.ingest.jobs_gateway import JobsGateway
+from orchestrator.ingest.report_applier import ReportApplier
+from orchestrator.models import Device, DeviceUpdate
+from orchestrator.policy import RolloutPolicy, Target
+from orchestrator.services import rollout_service
+from orchestrator.services.rollout_planner import create_rollout
+from orchestrator.state_machines import UpdateEvent
+from orchestrator.transitions import transition_update
+from tests.factories import add_devices, add_firmware_row
+
+THING = "aws-00000"
+
+
+@pytest.fixture
+def offered(database_url: str) -> Iterator[tuple[Session, int]]:
+    """One aws-jobs device with an offered update to 1.1.0, and one fleet device."""
+    with session_scope(database_url) as session:
+        add_devices(session, 1, prefix="aws-")
+        add_devices(session, 1, prefix="fl-")
+        session.execute(update(Device).where(Device.id == THING).values(protocol="aws-jobs"))
+        firmware = add_firmware_row(session)
+        rollout = create_rollout(
+            session,
+            name="aws",
+            firmware_id=firmware.id,
+            target=Target(device_ids=[THING]),
+            policy=RolloutPolicy(waves=["100%"]),
+        )
+        session.commit()
+        rollout_service.start_rollout(session, rollout.id, actor="test")
+        du = session.scalars(select(DeviceUpdate).where(DeviceUpdate.device_id == THING)).one()
+        transition_update(session, du, UpdateEvent.ENQUEUE)
+        transition_update(session, du, UpdateEvent.OFFER)
+        session.commit()
+        yield session, du.id
+
+
+class JobsDevice:
+    """Sends requests the way a device would and applies what they stand for."""
+
+    def __init__(self, session: Session, thing: str = THING) -> None:
+        self.session = session
+        self.thing = thing
+        self.gateway = JobsGateway(Settings())
+        self.applier = ReportApplier()
+
+    def ask(self, suffix: str, body: dict[str, Any] | bytes) -> tuple[str, dict[str, Any]]:
+        topic = parse_request_topic(f"$aws/things/{self.thing}/jobs/{suffix}")
+        assert isinstance(topic, RequestTopic)
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        out = self.gateway.handle(self.session, [(topic, payload)], now=1_800_000_000.0)
+        self.applier.apply(self.session, out.reports)  # commits
+        ((reply_topic, reply),) = out.replies
+        return reply_topic.rsplit("/", 1)[1], json.loads(reply)
+
+    def state(self, update_id: int) -> str:
+        self.session.expire_all()
+        return str(self.session.get_one(DeviceUpdate, update_id).state)
+
+
+def test_a_device_takes_its_job_reports_stages_and_succeeds(offered: tuple[Session, int]) -> None:
+    session, update_id = offered
+    job = f"fleet-{update_id}"
+    device = JobsDevice(session)
+    # Given the offered update, the device sees one queued execution
+    kind, body = device.ask("get", {"clientToken": "t1"})
+    assert kind == "accepted" and body["clientToken"] == "t1" and body["timestamp"] == 1_800_000_000
+    assert [j["jobId"] for j in body["queuedJobs"]] == [job] and body["inProgressJobs"] == []
+    assert body["queuedJobs"][0]["versionNumber"] == 1 and body["queuedJobs"][0]["executionNumber"] == 1
+    # When it starts the next job, it gets the document and fleet's update starts downloading
+    kind, body = device.ask("start-next", {"clientToken": "t2", "statusDetails": {"stage": "downloading"}})
+    execution = body["execution"]
+    assert kind == "accepted" and execution["jobId"] == job and execution["status"] == "IN_PROGRESS"
+    assert execution["jobDocument"]["firmware"]["version"] == "1.1.0"
+    assert execution["jobDocument"]["firmware"]["token"] and execution["versionNumber"] == 2
+    assert device.state(update_id) == "DOWNLOADING"
+    # Then a stale expectedVersion is refused with the execution's state
+    kind, body = device.ask(
+        f"{job}/update", {"status": "IN_PROGRESS", "expectedVersion": 1, "clientToken": "t3"}
+    )
+    assert kind == "rejected" and body["code"] == "VersionMismatch" and body["clientToken"] == "t3"
+    assert body["executionState"]["versionNumber"] == 2 and body["executionState"]["status"] == "IN_PROGRESS"
+    # And stages move the update on; a status only the service sets is refused
+    update = {
+        "status": "IN_PROGRESS",
+        "expectedVersion": 2,
+        "statusDetails": {"stage": "verified", "progress": "100"},
+    }
+    assert device.ask(f"{job}/update", update)[0] == "accepted"
+    assert device.state(update_id) == "VERIFIED"
+    kind, body = device.ask(f"{job}/update", {"status": "TIMED_OUT"})
+    assert kind == "rejected" and body["code"] == "InvalidRequest"
+    kind, body = device.ask(
+        f"{job}/update",
+        {"status": "SUCCEEDED", "includeJobExecutionState": True, "statusDetails": {"stage": "done"}},
+    )
+    assert kind == "accepted" and body["executionState"] == {
+        "status": "SUCCEEDED",
+        "statusDetails": {"stage": "done"},
+        "versionNumber": 4,
+    }
+    assert device.state(update_id) == "SUCCEEDED"
+    assert session.get_one(Device, THING).firmware_version == "1.1.0"
+    # And after the end, an update is an invalid transition, and nothing is pending any more
+    kind, body = device.ask(f"{job}/update", {"status": "IN_PROGRESS"})
+    assert kind == "rejected" and body["code"] == "InvalidStateTransition"
+    assert body["executionState"]["status"] == "SUCCEEDED"
+    assert device.ask("start-next", {"clientToken": "t9"}) == (
+        "accepted",
+        {"timestamp": 1_800_000_000, "clientToken": "t9"},
+    )
+    kind, body = device.ask(f"{job}/get", {"includeJobDocument": False})
+    assert kind == "accepted" and body["execution"]["status"] == "SUCCEEDED"
+    assert "jobDocument" not in body["execution"]
+
+
+def test_a_failing_device_ends_failed_with_its_reason(offered: tuple[Session, int]) -> None:
+    session, update_id = offered
+    device = JobsDevice(session)
+    device.ask("start-next", {})
+    kind, _ = device.ask(
+        f"fleet-{update_id}/update",
+        {"status": "FAILED", "statusDetails": {"reason": "checksum", "message": "sha256 differs"}},
+    )
+    assert kind == "accepted"
+    session.expire_all()
+    row = session.get_one(DeviceUpdate, update_id)
+    assert str(row.state) in ("FAILED", "RETRYING") and row.error_code == "checksum"
+
+
+def test_bad_requests_get_the_right_codes(offered: tuple[Session, int]) -> None:
+    session, update_id = offered
+    device = JobsDevice(session)
+    kind, body = device.ask("get", b"{not json")
+    assert kind == "rejected" and body["code"] == "InvalidJson" and "clientToken" not in body
+    kind, body = device.ask(f"fleet-{update_id}/update", {"clientToken": "x", "statusDetails": {"a": "b"}})
+    assert kind == "rejected" and body["code"] == "InvalidRequest" and body["clientToken"] == "x"
+    assert "status" in body["message"]
+    for job in ("fleet-999999", "other-job", f"fleet-{update_id + 1}"):
+        kind, body = device.ask(f"{job}/get", {})
+        assert kind == "rejected" and body["code"] == "ResourceNotFound", job
+    kind, body = device.ask(f"fleet-{update_id}/update", {"status": "IN_PROGRESS", "executionNumber": 7})
+    assert kind == "rejected" and body["code"] == "ResourceNotFound"
+    # a fleet-protocol device is not served on the jobs topics
+    kind, body = JobsDevice(session, "fl-00000").ask("get", {})
+    assert kind == "rejected" and body["code"] == "ResourceNotFound"
+    assert device.state(update_id) == "OFFERED"  # nothing above moved the update
