@@ -690,7 +690,7 @@ def test_write_auth_files_validates(tmp_path: Path) -> None:
     assert [u.username for u in hashed] == ["dev-1", "portal-1"]
     assert (tmp_path / "p").stat().st_mode & 0o077 == 0
     acl = json.loads((tmp_path / "a").read_text())
-    assert acl["subscribe-acl"]["dev-1"] == ["fleet/v1/devices/dev-1/desired"]
+    assert acl["subscribe-acl"]["dev-1"] == ["fleet/v1/devices/dev-1/desired", "$aws/things/dev-1/jobs/#"]
     assert acl["publish-acl"]["portal-1"] == []
 
 
