@@ -45,6 +45,8 @@ class UpdateEvent(StrEnum):
     RETRY_BY_OPERATOR = "retry_by_operator"  # FAILED/TIMED_OUT -> QUEUED with attempt + 1
     SOAK_PASSED = "soak_passed"  # healthy until the soak ended
     UNHEALTHY = "unhealthy"  # an unhealthy heartbeat, or none, during the soak
+    # An AWS Jobs execution still QUEUED: the device has not started it (abort, halt)
+    JOB_CANCELED = "job_canceled"
     # device reports
     REPORT_DOWNLOADING = "report_downloading"
     REPORT_DOWNLOADED = "report_downloaded"
@@ -63,7 +65,8 @@ U = UpdateState
 E = UpdateEvent
 
 UPDATE_END_STATES = frozenset({U.SUCCEEDED, U.FAILED, U.ROLLED_BACK, U.TIMED_OUT, U.SKIPPED, U.CANCELED})
-# Once a device has been offered an update nothing on the server side may cancel it.
+# Once a device has been offered an update nothing on the server side may cancel it (one exception:
+# an AWS Jobs execution the device has not started, JOB_CANCELED; see engine/waves.py).
 UPDATE_IN_FLIGHT = (U.OFFERED, U.DOWNLOADING, U.DOWNLOADED, U.VERIFIED, U.INSTALLING, U.REBOOTING)
 UPDATE_NOT_STARTED = frozenset({U.PENDING, U.QUEUED})
 # Verified and past it: the install stage has been (or may now be) sent.
@@ -103,6 +106,7 @@ UPDATE_TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     **{(s, E.REPORT_SUCCEEDED_SOAK): U.SOAKING for s in UPDATE_IN_FLIGHT},
     (U.SOAKING, E.SOAK_PASSED): U.SUCCEEDED,
     (U.SOAKING, E.UNHEALTHY): U.ROLLING_BACK,
+    (U.OFFERED, E.JOB_CANCELED): U.CANCELED,
     (U.SOAKING, E.REPORT_ROLLED_BACK): U.ROLLED_BACK,
     (U.ROLLING_BACK, E.REPORT_ROLLED_BACK): U.ROLLED_BACK,
     (U.ROLLING_BACK, E.TIMEOUT): U.TIMED_OUT,

@@ -14,8 +14,9 @@ import logging
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
+from orchestrator.aws_jobs import PROTOCOL as AWS_PROTOCOL
 from orchestrator.engine.runtime import Runtime
-from orchestrator.models import DeviceUpdate, Rollout, Wave, utcnow
+from orchestrator.models import Device, DeviceUpdate, JobExecution, Rollout, Wave, utcnow
 from orchestrator.policy import RolloutPolicy, policy_of
 from orchestrator.protocol import ErrorCode
 from orchestrator.state_machines import (
@@ -62,6 +63,28 @@ def cancel_not_started(
     return canceled
 
 
+def cancel_unstarted_jobs(session: Session, rollout_id: int, *, error_code: str) -> list[int]:
+    """OFFERED updates of AWS Jobs devices that never started their execution become CANCELED, as
+    AWS cancels QUEUED executions. The state and the absence of a start are the compare-and-set:
+    ingest records the start and moves the update on in one transaction, so a device either
+    started first (its update finishes) or finds nothing to start. The caller commits."""
+    started = exists().where(
+        JobExecution.device_update_id == DeviceUpdate.id,
+        JobExecution.execution_number == DeviceUpdate.attempt,
+        JobExecution.started_at.is_not(None),
+    )
+    moved = bulk_transition_where(
+        session,
+        UpdateEvent.JOB_CANCELED,
+        UpdateState.OFFERED,
+        DeviceUpdate.rollout_id == rollout_id,
+        DeviceUpdate.device_id.in_(select(Device.id).where(Device.protocol == AWS_PROTOCOL)),
+        ~started,
+        error_code=error_code,
+    )
+    return [row.id for row in moved]
+
+
 def stop_rollout(
     session: Session, rollout: Rollout, event: RolloutEvent, *, reason: str, actor: str
 ) -> list[int]:
@@ -73,6 +96,7 @@ def stop_rollout(
     transition_rollout(session, rollout, event, reason=reason, actor=actor)
     code = ErrorCode.CANCELED if event == RolloutEvent.ABORT else "rollout_halted"
     canceled = cancel_not_started(session, DeviceUpdate.rollout_id == rollout.id, error_code=str(code))
+    canceled += cancel_unstarted_jobs(session, rollout.id, error_code=str(code))
     for wave in session.scalars(
         select(Wave).where(Wave.rollout_id == rollout.id, Wave.status == WaveState.PENDING)
     ):

@@ -11,6 +11,7 @@ refused request is answered ``rejected`` and changes nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -46,7 +47,7 @@ from orchestrator.aws_jobs import (
 from orchestrator.config import Settings
 from orchestrator.engine.desired import firmware_ref
 from orchestrator.models import Device, DeviceUpdate, Firmware, JobExecution, Rollout
-from orchestrator.protocol import MAX_ID, Report, ReportState
+from orchestrator.protocol import Report, ReportState
 from orchestrator.state_machines import UPDATE_IN_FLIGHT, UpdateState
 
 _VISIBLE = (*UPDATE_IN_FLIGHT, UpdateState.SOAKING, UpdateState.ROLLING_BACK)
@@ -57,6 +58,12 @@ class GatewayOutcome:
     replies: list[tuple[str, bytes]] = field(default_factory=list)
     reports: list[tuple[str, Report]] = field(default_factory=list)
     changed_things: set[str] = field(default_factory=set)
+    # Replies that depend on whether the reports were applied: called after they were committed.
+    after: list[Callable[[Session], list[tuple[str, bytes]]]] = field(default_factory=list)
+
+    def finish(self, session: Session) -> list[tuple[str, bytes]]:
+        """Every reply, once ``reports`` are applied and committed."""
+        return self.replies + [r for build in self.after for r in build(session)]
 
 
 @dataclass
@@ -80,12 +87,11 @@ def _aware(moment: datetime | None) -> datetime | None:
 class JobsGateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._seq = 0
 
-    def _next_seq(self, now: float) -> int:
-        # Report order per device: later requests of this process always get a larger number.
-        self._seq = min(MAX_ID, max(self._seq + 1, int(now * 1_000_000)))
-        return self._seq
+    @staticmethod
+    def _seq(e: _Execution) -> int:
+        # Rises with every accepted update of an execution and across executions (attempts).
+        return e.update.attempt * 1_000_000 + min(e.record.version_number, 999_999)
 
     # ------------------------------------------------------------------ reading executions
     def _execution(self, session: Session, du: DeviceUpdate) -> _Execution:
@@ -243,12 +249,26 @@ class JobsGateway:
             out.replies.append((f"{topic.reply_base}/accepted", reply({}, request.clientToken, now)))
             return
         e = pending[0]
-        if e.status == JobStatus.QUEUED:
-            self._move(e, JobStatus.IN_PROGRESS, request.statusDetails, device, now, out)
-        body = {"execution": self.execution_body(e, topic.thing)}
-        if e.status == JobStatus.QUEUED:  # it is IN_PROGRESS once the batch applies the report
-            body["execution"]["status"] = str(JobStatus.IN_PROGRESS)
-        out.replies.append((f"{topic.reply_base}/accepted", reply(body, request.clientToken, now)))
+        accepted = f"{topic.reply_base}/accepted"
+        if e.status != JobStatus.QUEUED:
+            body = {"execution": self.execution_body(e, topic.thing)}
+            out.replies.append((accepted, reply(body, request.clientToken, now)))
+            return
+        self._move(e, JobStatus.IN_PROGRESS, request.statusDetails, device, now, out)
+
+        def started(session: Session) -> list[tuple[str, bytes]]:
+            # An abort may have canceled the execution first: then there is nothing to start.
+            session.refresh(e.update)
+            if e.status != JobStatus.IN_PROGRESS:
+                return [(accepted, reply({}, request.clientToken, now))]
+            return [
+                (
+                    accepted,
+                    reply({"execution": self.execution_body(e, topic.thing)}, request.clientToken, now),
+                )
+            ]
+
+        out.after.append(started)
 
     def _update(
         self,
@@ -298,13 +318,30 @@ class JobsGateway:
                 (f"{base}/rejected", rejection(RejectCode.VERSION_MISMATCH, message, token, now, state()))
             )
             return
+        was_queued = e.status == JobStatus.QUEUED
         self._move(e, request.status, request.statusDetails, device, now, out)
         body: dict[str, Any] = {}
         if request.includeJobExecutionState:
             body["executionState"] = {**state(), "status": str(request.status)}
         if request.includeJobDocument:
             body["jobDocument"] = self.document(e, topic.thing)
-        out.replies.append((f"{base}/accepted", reply(body, token, now)))
+        if not was_queued:
+            out.replies.append((f"{base}/accepted", reply(body, token, now)))
+            return
+
+        def decided(session: Session) -> list[tuple[str, bytes]]:
+            session.refresh(e.update)
+            if e.status == JobStatus.CANCELED:  # canceled before this request took it
+                message = "the execution was canceled before it started"
+                return [
+                    (
+                        f"{base}/rejected",
+                        rejection(RejectCode.INVALID_STATE_TRANSITION, message, token, now, state()),
+                    )
+                ]
+            return [(f"{base}/accepted", reply(body, token, now))]
+
+        out.after.append(decided)
 
     def _move(
         self,
@@ -341,7 +378,7 @@ class JobsGateway:
             update_id=e.update.id,
             attempt=e.update.attempt,
             state=state,
-            seq=self._next_seq(now),
+            seq=self._seq(e),
             progress=100 if state == ReportState.SUCCEEDED else progress_of(current),
             running_version=running[:64],
             error=error,

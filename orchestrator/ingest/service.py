@@ -320,7 +320,7 @@ class IngestService:
                     if answered.reports:
                         outcome.merge(self.applier.apply(session, answered.reports))
                     session.commit()
-                    outcome.jobs_replies += answered.replies
+                    outcome.jobs_replies += answered.finish(session)
                     now = time.time()
                     for thing in sorted(answered.changed_things):
                         outcome.jobs_replies += self.gateway.notifications(session, thing, now)

@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session
 from orchestrator.aws_jobs import RequestTopic, parse_request_topic
 from orchestrator.config import Settings
 from orchestrator.db import session_scope
+from orchestrator.engine.waves import stop_rollout
 from orchestrator.ingest.jobs_gateway import JobsGateway
 from orchestrator.ingest.report_applier import ReportApplier
-from orchestrator.models import Device, DeviceUpdate
+from orchestrator.models import Device, DeviceUpdate, Rollout
 from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.services import rollout_service
 from orchestrator.services.rollout_planner import create_rollout
-from orchestrator.state_machines import UpdateEvent
+from orchestrator.state_machines import RolloutEvent, UpdateEvent
 from orchestrator.transitions import transition_update
 from tests.factories import add_devices, add_firmware_row
 
@@ -66,7 +67,7 @@ class JobsDevice:
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         out = self.gateway.handle(self.session, [(topic, payload)], now=1_800_000_000.0)
         self.applier.apply(self.session, out.reports)  # commits
-        ((reply_topic, reply),) = out.replies
+        ((reply_topic, reply),) = out.finish(self.session)
         return reply_topic.rsplit("/", 1)[1], json.loads(reply)
 
     def state(self, update_id: int) -> str:
@@ -161,3 +162,61 @@ def test_bad_requests_get_the_right_codes(offered: tuple[Session, int]) -> None:
     kind, body = JobsDevice(session, "fl-00000").ask("get", {})
     assert kind == "rejected" and body["code"] == "ResourceNotFound"
     assert device.state(update_id) == "OFFERED"  # nothing above moved the update
+
+
+def test_an_abort_cancels_queued_executions_and_started_ones_finish(database_url: str) -> None:
+    with session_scope(database_url) as session:
+        # Given two AWS devices and a fleet device, all offered; one AWS device started its job
+        add_devices(session, 2, prefix="awq-")
+        add_devices(session, 1, prefix="flq-")
+        session.execute(update(Device).where(Device.id.startswith("awq-")).values(protocol="aws-jobs"))
+        firmware = add_firmware_row(session)
+        ids = ["awq-00000", "awq-00001", "flq-00000"]
+        rollout = create_rollout(
+            session, name="q", firmware_id=firmware.id, target=Target(device_ids=ids), policy=RolloutPolicy()
+        )
+        session.commit()
+        rollout_service.start_rollout(session, rollout.id, actor="test")
+        rows = {du.device_id: du for du in session.scalars(select(DeviceUpdate))}
+        for du in rows.values():
+            transition_update(session, du, UpdateEvent.ENQUEUE)
+            transition_update(session, du, UpdateEvent.OFFER)
+        session.commit()
+        started, waiting = JobsDevice(session, "awq-00000"), JobsDevice(session, "awq-00001")
+        assert started.ask("start-next", {})[1]["execution"]["status"] == "IN_PROGRESS"
+        # When the rollout is aborted
+        stop_rollout(session, rollout, RolloutEvent.ABORT, reason="test", actor="test")
+        session.commit()
+        # Then only the execution nobody started is canceled; fleet's offered device is untouched
+        states = {d: started.state(du.id) for d, du in rows.items()}
+        assert states == {"awq-00000": "DOWNLOADING", "awq-00001": "CANCELED", "flq-00000": "OFFERED"}
+        # and the device whose job was canceled finds nothing to start and cannot take it up
+        assert "execution" not in waiting.ask("start-next", {})[1]
+        job = f"fleet-{rows['awq-00001'].id}"
+        kind, body = waiting.ask(f"{job}/update", {"status": "IN_PROGRESS"})
+        assert kind == "rejected" and body["code"] == "InvalidStateTransition"
+        assert body["executionState"]["status"] == "CANCELED"
+        # while the started one runs to its end
+        kind, _ = started.ask(f"fleet-{rows['awq-00000'].id}/update", {"status": "SUCCEEDED"})
+        assert kind == "accepted" and started.state(rows["awq-00000"].id) == "SUCCEEDED"
+
+
+def test_a_start_that_loses_the_race_to_an_abort_is_told_there_is_nothing(
+    offered: tuple[Session, int],
+) -> None:
+    # Given a device whose start-next was answered from the state before an abort committed
+    session, update_id = offered
+    device = JobsDevice(session)
+    topic = parse_request_topic(f"$aws/things/{THING}/jobs/start-next")
+    assert topic is not None
+    out = device.gateway.handle(session, [(topic, b'{"clientToken": "late"}')], now=1_800_000_000.0)
+    session.rollback()  # the gateway's view is discarded, as when the abort's sweep commits first
+    rollout = session.get_one(DeviceUpdate, update_id).rollout_id
+    stop_rollout(session, session.get_one(Rollout, rollout), RolloutEvent.ABORT, reason="t", actor="t")
+    session.commit()
+    # When its report is applied and the reply is built
+    device.applier.apply(session, out.reports)
+    ((_, reply),) = out.finish(session)
+    # Then the reply offers nothing, and the update stays canceled
+    assert json.loads(reply) == {"timestamp": 1_800_000_000, "clientToken": "late"}
+    assert device.state(update_id) == "CANCELED"

@@ -58,6 +58,12 @@ def test_cancel_only_before_the_device_was_offered() -> None:
             next_update_state(state, UpdateEvent.CANCEL)
 
 
+def test_only_an_unstarted_aws_job_is_canceled_after_the_offer() -> None:
+    sources = {state for (state, event) in UPDATE_TRANSITIONS if event == UpdateEvent.JOB_CANCELED}
+    assert sources == {UpdateState.OFFERED}
+    assert next_update_state(UpdateState.OFFERED, UpdateEvent.JOB_CANCELED) == UpdateState.CANCELED
+
+
 def test_reports_may_skip_ahead_but_never_go_back() -> None:
     assert next_update_state(UpdateState.OFFERED, UpdateEvent.REPORT_VERIFIED) == UpdateState.VERIFIED
     assert next_update_state(UpdateState.DOWNLOADING, UpdateEvent.REPORT_SUCCEEDED) == UpdateState.SUCCEEDED
