@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from orchestrator.models.base import Base, utcnow
@@ -30,7 +30,7 @@ class DeviceUpdate(Base):
     attempt: Mapped[int] = mapped_column(default=1)
     progress: Mapped[int] = mapped_column(default=0)
     error_code: Mapped[str | None] = mapped_column(String(32))
-    last_seq: Mapped[int | None] = mapped_column(doc="highest report seq applied")
+    last_seq: Mapped[int | None] = mapped_column(BigInteger, doc="highest report seq applied")
     deadline_at: Mapped[datetime | None] = mapped_column(doc="stage timeout; the reconciler acts after it")
     offered_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -31,6 +31,6 @@ class Event(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str | None] = mapped_column(String(16))
     attempt: Mapped[int | None]
-    seq: Mapped[int | None]
+    seq: Mapped[int | None] = mapped_column(BigInteger)
     accepted: Mapped[bool] = mapped_column(default=True, doc="false for ignored (late/duplicate) reports")
     detail: Mapped[dict[str, Any] | None]

@@ -19,6 +19,7 @@ from orchestrator.ingest.jobs_gateway import JobsGateway
 from orchestrator.ingest.report_applier import ReportApplier
 from orchestrator.models import Device, DeviceUpdate, Rollout
 from orchestrator.policy import RolloutPolicy, Target
+from orchestrator.protocol import Report, ReportState
 from orchestrator.services import rollout_service
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.state_machines import RolloutEvent, UpdateEvent
@@ -220,3 +221,17 @@ def test_a_start_that_loses_the_race_to_an_abort_is_told_there_is_nothing(
     # Then the reply offers nothing, and the update stays canceled
     assert json.loads(reply) == {"timestamp": 1_800_000_000, "clientToken": "late"}
     assert device.state(update_id) == "CANCELED"
+
+
+def test_a_report_seq_beyond_32_bits_is_stored(offered: tuple[Session, int]) -> None:
+    # Given a device that numbers its reports in microseconds since the epoch
+    session, update_id = offered
+    seq = 1_800_000_000_000_000
+    report = Report(
+        update_id=update_id, attempt=1, state=ReportState.DOWNLOADING, seq=seq, running_version="1.0.0"
+    )
+    # When it is applied, then it is recorded, on SQLite and on PostgreSQL alike
+    outcome = ReportApplier().apply(session, [(THING, report)])
+    assert outcome.counters["applied"] == 1
+    session.expire_all()
+    assert session.get_one(DeviceUpdate, update_id).last_seq == seq
