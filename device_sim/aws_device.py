@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from orchestrator.protocol import ErrorCode, FirmwareRef, verify_manifest_signat
 log = logging.getLogger(__name__)
 QOS = mqtt.QoS.AT_LEAST_ONCE
 AWS_JOBS = "aws-jobs"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -164,6 +166,8 @@ class AwsJobsDevice:
 
     async def _update(self, job_id: str, status: str, **details: str) -> None:
         assert self._jobs is not None
+        # statusDetails values are 1-1024 characters without control characters (AWS rule)
+        details = {k: (_CONTROL.sub(" ", v)[:1024] or "-") for k, v in details.items()}
         request = iotjobs.UpdateJobExecutionRequest(
             thing_name=self.thing, job_id=job_id, status=status, status_details=details or None
         )

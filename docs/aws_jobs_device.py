@@ -96,6 +96,10 @@ def main() -> int:
         future.result(10)
 
     def update(job_id: str, status: str, **details: str) -> None:
+        # statusDetails values: 1-1024 characters, no control characters
+        details = {
+            k: "".join(c if c.isprintable() else " " for c in v)[:1024] or "-" for k, v in details.items()
+        }
         request = iotjobs.UpdateJobExecutionRequest(
             thing_name=thing, job_id=job_id, status=status, status_details=details
         )

@@ -134,8 +134,9 @@ def job_id_for(update_id: int) -> str:
 def update_id_of(job_id: str) -> int | None:
     if not job_id.startswith(JOB_ID_PREFIX) or not job_id[len(JOB_ID_PREFIX) :].isdigit():
         return None
-    value = int(job_id[len(JOB_ID_PREFIX) :])
-    return value if 0 < value < 2**63 else None
+    digits = job_id[len(JOB_ID_PREFIX) :]
+    value = int(digits) if len(digits) <= 10 else 0
+    return value if 0 < value < 2**31 else None  # device update ids are 32-bit on PostgreSQL
 
 
 # ---------------------------------------------------------------- requests
@@ -338,6 +339,9 @@ def error_for(status: JobStatus, details: dict[str, str]) -> ErrorCode | None:
         return ErrorCode.INCOMPATIBLE if status == JobStatus.REJECTED else ErrorCode.DEVICE_ERROR
 
 
+_PERCENT = re.compile(r"^[0-9]{1,3}$")
+
+
 def progress_of(details: dict[str, str]) -> int:
     value = details.get("progress", "0").strip().rstrip("%")
-    return min(100, max(0, int(value))) if value.isdigit() else 0
+    return min(100, int(value)) if _PERCENT.match(value) else 0

@@ -71,15 +71,12 @@ class ProcessMetrics:
             log.debug("metrics snapshot not written: %s", exc)
 
     def publish_soon(self, client: redis.Redis[bytes]) -> None:
-        """Publish now, or once the second is over if a snapshot was just written, so the last
-        counts before an idle spell still arrive."""
-        wait = PUBLISH_EVERY_S - (time.monotonic() - self._published)
-        if wait <= 0:
-            self.publish(client, force=True)
-            return
+        """Publish from a background timer within a second, never on the caller's thread: a slow
+        Redis must not slow the task that just ran. The last counts before an idle spell arrive."""
         with self._lock:
             if self._timer is not None and self._timer.is_alive():
                 return
+            wait = max(0.0, PUBLISH_EVERY_S - (time.monotonic() - self._published))
             self._timer = threading.Timer(wait, self.publish, args=(client,), kwargs={"force": True})
             self._timer.daemon = True
             self._timer.start()

@@ -68,9 +68,4 @@ def offer_notices(
     return notices(device_id, time.time(), [queued], [], execution)
 
 
-def cancel_notices(device_id: str) -> list[tuple[str, bytes]]:
-    """The execution was canceled: nothing pending, no next job."""
-    return notices(device_id, time.time(), [], [], None)
-
-
 AWS_THINGS = AwsThings()

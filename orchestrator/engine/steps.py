@@ -28,7 +28,7 @@ from sqlalchemy import or_, select, update
 
 from orchestrator.engine.admission import admit, firmware_of
 from orchestrator.engine.desired import clear_desired_message, desired_message
-from orchestrator.engine.job_notices import AWS_THINGS, cancel_notices, offer_notices
+from orchestrator.engine.job_notices import AWS_THINGS, offer_notices
 from orchestrator.engine.runtime import Runtime
 from orchestrator.engine.waves import close_wave, halt_if_threshold_reached, wave_is_open
 from orchestrator.maintenance_windows import current_window
@@ -67,6 +67,7 @@ def _publish_stage(
                 Rollout.id,
                 Rollout.created_at,
                 Rollout.policy,
+                DeviceUpdate.state,
             )
             .join(Rollout, Rollout.id == DeviceUpdate.rollout_id)
             .where(
@@ -85,15 +86,15 @@ def _publish_stage(
     now = utcnow()
     with rt.sessions() as session:
         aws = AWS_THINGS.among(session, (row[2] for row in rows), enabled=rt.settings.aws_jobs)
-    for update_id, attempt, device_id, firmware_id, rollout_id, created_at, policy_doc in rows:
+    for update_id, attempt, device_id, firmware_id, rollout_id, created_at, policy_doc, state in rows:
         if device_id in aws:
-            # An AWS Jobs device runs its job to the end by itself: only offers and stops have a notice.
-            if stage is Stage.DOWNLOAD:
+            # An AWS Jobs device runs its job to the end by itself once it started it: only an
+            # offer it has not taken up yet is announced (again). Stops are handled in SQL
+            # (services/device_actions.py) and need no notice.
+            if stage is Stage.DOWNLOAD and state == UpdateState.OFFERED:
                 jobs += offer_notices(
                     rt.settings, firmware_of(rt, firmware_id), device_id, update_id, attempt
                 )
-            elif stage is Stage.CANCEL:
-                jobs += cancel_notices(device_id)
             continue
         heartbeat: float | None = None
         install_before: float | None = None

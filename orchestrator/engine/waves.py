@@ -63,8 +63,9 @@ def cancel_not_started(
     return canceled
 
 
-def cancel_unstarted_jobs(session: Session, rollout_id: int, *, error_code: str) -> list[int]:
-    """OFFERED updates of AWS Jobs devices that never started their execution become CANCELED, as
+def cancel_unstarted_jobs(session: Session, *criteria: object, error_code: str) -> list[int]:
+    """OFFERED updates (matching ``criteria``) of AWS Jobs devices that never started their
+    execution become CANCELED, as
     AWS cancels QUEUED executions. The state and the absence of a start are the compare-and-set:
     ingest records the start and moves the update on in one transaction, so a device either
     started first (its update finishes) or finds nothing to start. The caller commits."""
@@ -77,7 +78,7 @@ def cancel_unstarted_jobs(session: Session, rollout_id: int, *, error_code: str)
         session,
         UpdateEvent.JOB_CANCELED,
         UpdateState.OFFERED,
-        DeviceUpdate.rollout_id == rollout_id,
+        *criteria,
         DeviceUpdate.device_id.in_(select(Device.id).where(Device.protocol == AWS_PROTOCOL)),
         ~started,
         error_code=error_code,
@@ -96,7 +97,7 @@ def stop_rollout(
     transition_rollout(session, rollout, event, reason=reason, actor=actor)
     code = ErrorCode.CANCELED if event == RolloutEvent.ABORT else "rollout_halted"
     canceled = cancel_not_started(session, DeviceUpdate.rollout_id == rollout.id, error_code=str(code))
-    canceled += cancel_unstarted_jobs(session, rollout.id, error_code=str(code))
+    canceled += cancel_unstarted_jobs(session, DeviceUpdate.rollout_id == rollout.id, error_code=str(code))
     for wave in session.scalars(
         select(Wave).where(Wave.rollout_id == rollout.id, Wave.status == WaveState.PENDING)
     ):

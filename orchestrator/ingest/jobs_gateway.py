@@ -75,8 +75,13 @@ class _Execution:
     @property
     def status(self) -> JobStatus | None:
         status = execution_status(UpdateState(self.update.state), self.update.stop_requested_at is not None)
-        if status == JobStatus.FAILED and self.record.device_status == JobStatus.REJECTED:
+        said = self.record.device_status
+        if status == JobStatus.FAILED and said == JobStatus.REJECTED:
             return JobStatus.REJECTED
+        if status == JobStatus.IN_PROGRESS and said in TERMINAL:
+            # The device ended it (fleet may still wait, e.g. for a report it refused): never hand
+            # a finished job out again.
+            return JobStatus(said)
         return status
 
 
@@ -87,11 +92,6 @@ def _aware(moment: datetime | None) -> datetime | None:
 class JobsGateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-
-    @staticmethod
-    def _seq(e: _Execution) -> int:
-        # Rises with every accepted update of an execution and across executions (attempts).
-        return e.update.attempt * 1_000_000 + min(e.record.version_number, 999_999)
 
     # ------------------------------------------------------------------ reading executions
     def _execution(self, session: Session, du: DeviceUpdate) -> _Execution:
@@ -203,7 +203,10 @@ class JobsGateway:
             return
         if topic.operation == Operation.START_NEXT:
             assert isinstance(request, StartNextRequest)
-            self._start_next(session, topic, request, device, now, out)
+            try:
+                self._start_next(session, topic, request, device, now, out)
+            except ValidationError:
+                reject(RejectCode.INVALID_REQUEST, "statusDetails give no valid report", token)
             return
         execution = self._find(session, topic)
         if execution is None:
@@ -222,7 +225,13 @@ class JobsGateway:
             out.replies.append((f"{base}/accepted", reply(body, token, now)))
             return
         assert isinstance(request, UpdateRequest)
-        self._update(topic, request, execution, device, now, out)
+        try:
+            self._update(topic, request, execution, device, now, out)
+        except ValidationError as exc:
+            where = (
+                ".".join(str(p) for p in exc.errors(include_url=False)[0].get("loc", ())) or "statusDetails"
+            )
+            reject(RejectCode.INVALID_REQUEST, f"statusDetails give no valid report ({where})", token)
 
     def _find(self, session: Session, topic: RequestTopic) -> _Execution | None:
         if topic.job_id == "$next":
@@ -352,37 +361,43 @@ class JobsGateway:
         now: float,
         out: GatewayOutcome,
     ) -> None:
-        """Record the device's update on the execution and queue the report it stands for."""
+        """Record the device's update on the execution and queue the report it stands for.
+        Raises ValidationError, before changing anything, when the details make no valid report."""
         record = e.record
+        current = dict(details) if details is not None else dict(record.status_details or {})
+        report = self._report_for(e, status, current, device, now)
         moment = datetime.fromtimestamp(now, UTC)
         record.version_number += 1
         record.updated_at = moment
-        if details is not None:
-            record.status_details = dict(details)
+        record.status_details = current
         if record.started_at is None:
             record.started_at = moment
         if status in TERMINAL:
             record.device_status = str(status)
             out.changed_things.add(device.id)  # it leaves the pending list: notify
-        current = dict(record.status_details or {})
-        state = report_state_for(status, current)
+        if report is not None:
+            out.reports.append((device.id, report))
+
+    def _report_for(
+        self, e: _Execution, status: JobStatus, details: dict[str, str], device: Device, now: float
+    ) -> Report | None:
+        state = report_state_for(status, details)
         if state is None and e.status == JobStatus.QUEUED:
             state = ReportState.DOWNLOADING  # started: the device owns it from now on
         if state is None:
-            return  # IN_PROGRESS again with no new stage: details and version only
+            return None  # IN_PROGRESS again with no new stage: details and version only
         running = device.firmware_version
         if state == ReportState.SUCCEEDED:
-            running = current.get("running_version", e.firmware.version)
-        error = error_for(status, current)
-        report = Report(
+            running = details.get("running_version", e.firmware.version)
+        error = error_for(status, details)
+        return Report(
             update_id=e.update.id,
             attempt=e.update.attempt,
             state=state,
-            seq=self._seq(e),
-            progress=100 if state == ReportState.SUCCEEDED else progress_of(current),
+            seq=e.update.attempt * 1_000_000 + min(e.record.version_number + 1, 999_999),
+            progress=100 if state == ReportState.SUCCEEDED else progress_of(details),
             running_version=running[:64],
             error=error,
-            detail=(current.get("message") or (f"job status {status}" if error else ""))[:500] or None,
+            detail=(details.get("message") or (f"job status {status}" if error else ""))[:500] or None,
             ts=now,
         )
-        out.reports.append((device.id, report))

@@ -164,8 +164,13 @@ class ReportApplier:
         return snaps
 
     # ------------------------------------------------------------------ applying
-    def apply(self, session: Session, reports: list[tuple[str, Report]]) -> BatchOutcome:
-        """Apply ``(device_id, report)`` pairs and commit. Reports are taken in seq order per device."""
+    def apply(
+        self, session: Session, reports: list[tuple[str, Report]], *, soak: bool = True
+    ) -> BatchOutcome:
+        """Apply ``(device_id, report)`` pairs and commit. Reports are taken in seq order per device.
+
+        ``soak=False`` for devices that cannot soak (AWS Jobs devices send no health heartbeats):
+        their success ends the update at once."""
         out = BatchOutcome()
         now = utcnow()
         by_update: dict[int, list[tuple[str, Report]]] = defaultdict(list)
@@ -184,7 +189,7 @@ class ReportApplier:
                     out.counters["unknown_update"] += len(items)
                     log.info("report for unknown update %s dropped", update_id)
                     continue
-                plan = self._plan(snap, items, now, out)
+                plan = self._plan(snap, items, now, out, soak)
                 if not plan.events and plan.progress == snap.progress and plan.last_seq == snap.last_seq:
                     events.extend(plan.event_rows)  # nothing to write but the ignored reports
                     continue
@@ -209,7 +214,7 @@ class ReportApplier:
         return out
 
     def _plan(
-        self, snap: _Snapshot, items: list[tuple[str, Report]], now: datetime, out: BatchOutcome
+        self, snap: _Snapshot, items: list[tuple[str, Report]], now: datetime, out: BatchOutcome, soak: bool
     ) -> _Plan:
         info = self._rollouts[snap.rollout_id]
         plan = _Plan(snap=snap, state=snap.state, progress=snap.progress, last_seq=snap.last_seq)
@@ -232,7 +237,7 @@ class ReportApplier:
             if heartbeat and report.health is not None and not report.health.app_healthy:
                 event, error = UpdateEvent.UNHEALTHY, str(ErrorCode.HEALTH)
                 out.counters["unhealthy"] += 1
-            elif event == UpdateEvent.REPORT_SUCCEEDED and info.soak is not None:
+            elif event == UpdateEvent.REPORT_SUCCEEDED and info.soak is not None and soak:
                 event = UpdateEvent.REPORT_SUCCEEDED_SOAK
             new = UPDATE_TRANSITIONS.get((plan.state, event))
             progress_only = new is None and (

@@ -34,8 +34,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
-from orchestrator.aws_jobs import REQUEST_SUBSCRIPTIONS
+from orchestrator.aws_jobs import REQUEST_SUBSCRIPTIONS, RejectCode, RequestTopic, client_token_of, rejection
 from orchestrator.config import Settings
 from orchestrator.db import session_factory
 from orchestrator.engine.dispatch import DispatchFailed, sender_for
@@ -316,19 +317,40 @@ class IngestService:
                 # One by one, each seeing what the one before changed (a start-next right after
                 # a SUCCEEDED must not get the finished job again).
                 for request in parsed.jobs:
-                    answered = self.gateway.handle(session, [request])
-                    if answered.reports:
-                        outcome.merge(self.applier.apply(session, answered.reports))
-                    session.commit()
-                    outcome.jobs_replies += answered.finish(session)
-                    now = time.time()
-                    for thing in sorted(answered.changed_things):
-                        outcome.jobs_replies += self.gateway.notifications(session, thing, now)
-                    session.commit()
+                    outcome.jobs_replies += self._answer(session, outcome, *request)
             except BaseException:
                 session.rollback()
                 raise
         return outcome
+
+    def _answer(
+        self, session: Session, outcome: BatchOutcome, topic: RequestTopic, payload: bytes
+    ) -> list[tuple[str, bytes]]:
+        """One AWS Jobs request in its own transaction. A failure answers ``InternalError`` and
+        never replays what the batch already committed (the device asks again)."""
+        try:
+            answered = self.gateway.handle(session, [(topic, payload)])
+            if answered.reports:
+                # AWS devices send no health heartbeats: their success is the end, without a soak.
+                outcome.merge(self.applier.apply(session, answered.reports, soak=False))
+            session.commit()
+            replies = answered.finish(session)
+            now = time.time()
+            for thing in sorted(answered.changed_things):
+                replies += self.gateway.notifications(session, thing, now)
+            session.commit()
+            return replies
+        except Exception as exc:
+            session.rollback()
+            self.stats["jobs_errors"] += 1
+            self.guard.logs.warning("jobs request on %s failed: %s", topic.reply_base, _short(exc))
+            message = "the request could not be handled now; ask again"
+            return [
+                (
+                    f"{topic.reply_base}/rejected",
+                    rejection(RejectCode.INTERNAL_ERROR, message, client_token_of(payload), time.time()),
+                )
+            ]
 
     def _after_commit(self, outcome: BatchOutcome) -> None:
         """Send the steps the batch made due. A failure is logged: the reconciler re-sends them."""

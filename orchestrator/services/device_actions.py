@@ -19,8 +19,10 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from orchestrator.aws_jobs import PROTOCOL as AWS_PROTOCOL
+from orchestrator.engine.waves import cancel_unstarted_jobs
 from orchestrator.errors import Conflict, NotFound
-from orchestrator.models import DeviceUpdate, Event, Rollout, Wave, utcnow
+from orchestrator.models import Device, DeviceUpdate, Event, Rollout, Wave, utcnow
 from orchestrator.protocol import ErrorCode
 from orchestrator.state_machines import (
     UPDATE_NOT_STARTED,
@@ -166,12 +168,33 @@ def cancel_update(
     return row
 
 
+def _stop_aws_job(session: Session, row: DeviceUpdate, actor: str) -> DeviceUpdate:
+    """An AWS Jobs device has no "drop it" message: an execution it has not started is canceled
+    in SQL (it then finds nothing to start); one it has started runs to its end."""
+    if row.state == UpdateState.OFFERED and cancel_unstarted_jobs(
+        session, DeviceUpdate.id == row.id, error_code=str(ErrorCode.CANCELED)
+    ):
+        _note(session, row, "stop_requested", actor, state=str(UpdateState.OFFERED))
+        session.commit()
+        session.refresh(row)
+        return row
+    session.rollback()
+    session.refresh(row)
+    raise Conflict(
+        f"device {row.device_id} is {row.state}: an AWS Jobs device runs a job it has started to its end",
+        field="device_id",
+    )
+
+
 def request_stop(
     session: Session, rollout_id: int, device_id: str, *, actor: str = "operator"
 ) -> DeviceUpdate:
     """Ask a device offered the update, and not installing it, to drop it. Commits; the caller then
     has the stage document sent (``engine.client.send_stage``)."""
     row = device_update(session, rollout_id, device_id)
+    device = session.get(Device, device_id)
+    if device is not None and device.protocol == AWS_PROTOCOL:
+        return _stop_aws_job(session, row, actor)
     if row.state not in UPDATE_STOPPABLE:
         if row.state in UPDATE_NOT_STARTED:
             why = "it was not offered yet: cancel it instead"

@@ -28,6 +28,7 @@ _WATCHED = [
     str(s)
     for s in (
         UpdateState.OFFERED,
+        UpdateState.QUEUED,  # only counted when an operator's retry takes a failure back
         UpdateState.SUCCEEDED,
         UpdateState.RETRYING,
         *_FAILED,
@@ -97,6 +98,9 @@ def progress_history(session: Session, rollout_id: int, *, bucket_s: int = 60) -
             continue
         if to_state == UpdateState.OFFERED:
             in_flight += 1
+            continue
+        if from_state in _FAILED:  # retried by an operator: no longer a failure
+            failed = max(0, failed - 1)
             continue
         if from_state in _BUSY and to_state not in _BUSY:
             in_flight = max(0, in_flight - 1)

@@ -15,12 +15,14 @@ from orchestrator.aws_jobs import RequestTopic, parse_request_topic
 from orchestrator.config import Settings
 from orchestrator.db import session_scope
 from orchestrator.engine.waves import stop_rollout
+from orchestrator.errors import Conflict
 from orchestrator.ingest.jobs_gateway import JobsGateway
 from orchestrator.ingest.report_applier import ReportApplier
 from orchestrator.models import Device, DeviceUpdate, Rollout
 from orchestrator.policy import RolloutPolicy, Target
 from orchestrator.protocol import Report, ReportState
 from orchestrator.services import rollout_service
+from orchestrator.services.device_actions import request_stop
 from orchestrator.services.rollout_planner import create_rollout
 from orchestrator.state_machines import RolloutEvent, UpdateEvent
 from orchestrator.transitions import transition_update
@@ -67,7 +69,7 @@ class JobsDevice:
         assert isinstance(topic, RequestTopic)
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         out = self.gateway.handle(self.session, [(topic, payload)], now=1_800_000_000.0)
-        self.applier.apply(self.session, out.reports)  # commits
+        self.applier.apply(self.session, out.reports, soak=False)  # commits
         ((reply_topic, reply),) = out.finish(self.session)
         return reply_topic.rsplit("/", 1)[1], json.loads(reply)
 
@@ -235,3 +237,22 @@ def test_a_report_seq_beyond_32_bits_is_stored(offered: tuple[Session, int]) -> 
     assert outcome.counters["applied"] == 1
     session.expire_all()
     assert session.get_one(DeviceUpdate, update_id).last_seq == seq
+
+
+def test_a_stop_cancels_an_unstarted_job_and_is_refused_once_started(offered: tuple[Session, int]) -> None:
+    session, update_id = offered
+    rollout_id = session.get_one(DeviceUpdate, update_id).rollout_id
+    device = JobsDevice(session)
+    # Given the device started its job, a stop is refused: it runs to its end
+    device.ask("start-next", {})
+    with pytest.raises(Conflict, match="runs a job it has started to its end"):
+        request_stop(session, rollout_id, THING, actor="test")
+    assert device.state(update_id) == "DOWNLOADING"
+
+
+def test_a_stop_before_the_device_takes_its_job_cancels_it(offered: tuple[Session, int]) -> None:
+    session, update_id = offered
+    rollout_id = session.get_one(DeviceUpdate, update_id).rollout_id
+    row = request_stop(session, rollout_id, THING, actor="test")
+    assert str(row.state) == "CANCELED" and row.error_code == "canceled"
+    assert "execution" not in JobsDevice(session).ask("start-next", {})[1]

@@ -59,7 +59,7 @@ window.fleetDeviceViews = function (ui) {
   // ------------------------------------------------------------------ paging over the API
   // Filters and cursors of one list; `load()` fetches the current page, `next()`/`prev()` move.
   function pager(path, pageSize) {
-    const p = { filters: {}, cursors: [null], index: 0, size: pageSize, items: [], nextCursor: null, busy: false };
+    const p = { filters: {}, cursors: [null], index: 0, size: pageSize, items: [], nextCursor: null, seq: 0 };
     p.url = () => {
       const params = new URLSearchParams({ limit: String(p.size) });
       for (const [key, value] of Object.entries(p.filters)) if (value !== "") params.set(key, value);
@@ -67,17 +67,15 @@ window.fleetDeviceViews = function (ui) {
       if (cursor) params.set("cursor", cursor);
       return `${path}?${params}`;
     };
+    // Always fetches what the page asks for now; an answer overtaken by a later request (a poll
+    // racing a click on Next) is dropped, so items, cursor and page label never disagree.
     p.load = async () => {
-      if (p.busy) return false;
-      p.busy = true;
-      try {
-        const body = await api(p.url());
-        p.items = body.items;
-        p.nextCursor = body.next_cursor;
-        return true;
-      } finally {
-        p.busy = false;
-      }
+      const mine = ++p.seq;
+      const body = await api(p.url());
+      if (mine !== p.seq) return false;
+      p.items = body.items;
+      p.nextCursor = body.next_cursor;
+      return true;
     };
     p.reset = (filters) => {
       p.filters = filters;
@@ -290,7 +288,7 @@ window.fleetDeviceViews = function (ui) {
       load().catch((err) => fill(body, errorBox(err)));
     });
     async function load() {
-      await p.load();
+      if (!(await p.load())) return;
       fill(body,
         h("div", { class: "table-wrap" }, h("table", { id: "fleet-devices" },
           h("thead", {}, h("tr", {}, h("th", {}, "Device"), h("th", {}, "Model"), h("th", {}, "Version"),
