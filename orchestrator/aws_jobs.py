@@ -257,6 +257,20 @@ def summary(
     }
 
 
+def execution(
+    summary_doc: dict[str, Any],
+    thing: str,
+    status: JobStatus | None,
+    details: dict[str, Any],
+    document: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A JobExecution: its summary plus thing, status, statusDetails and (optionally) the document."""
+    body = {**summary_doc, "thingName": thing, "status": str(status), "statusDetails": dict(details)}
+    if document is not None:
+        body["jobDocument"] = document
+    return body
+
+
 def _compact(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if v is not None}
 

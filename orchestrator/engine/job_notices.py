@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orchestrator.aws_jobs import PROTOCOL, job_document, notices, summary
+from orchestrator.aws_jobs import PROTOCOL, JobStatus, execution, job_document, notices, summary
 from orchestrator.config import Settings
 from orchestrator.engine.desired import firmware_ref
 from orchestrator.models import Device, Firmware, utcnow
@@ -56,16 +56,9 @@ def offer_notices(
     flight at a time), so it is also the next."""
     now = utcnow()
     queued = summary(update_id, attempt, 1, now, None, now)
-    execution = {
-        **queued,
-        "thingName": device_id,
-        "status": "QUEUED",
-        "statusDetails": {},
-        "jobDocument": job_document(
-            firmware_ref(settings, firmware, device_id).model_dump(), update_id, attempt
-        ),
-    }
-    return notices(device_id, time.time(), [queued], [], execution)
+    document = job_document(firmware_ref(settings, firmware, device_id).model_dump(), update_id, attempt)
+    next_execution = execution(queued, device_id, JobStatus.QUEUED, {}, document)
+    return notices(device_id, time.time(), [queued], [], next_execution)
 
 
 AWS_THINGS = AwsThings()

@@ -34,6 +34,7 @@ from orchestrator.aws_jobs import (
     UpdateRequest,
     client_token_of,
     error_for,
+    execution,
     execution_status,
     job_document,
     notices,
@@ -133,15 +134,8 @@ class JobsGateway:
         return job_document(ref.model_dump(), e.update.id, e.update.attempt)
 
     def execution_body(self, e: _Execution, thing: str, *, with_document: bool = True) -> dict[str, Any]:
-        body = {
-            **self._summary(e),
-            "thingName": thing,
-            "status": str(e.status),
-            "statusDetails": dict(e.record.status_details or {}),
-        }
-        if with_document:
-            body["jobDocument"] = self.document(e, thing)
-        return body
+        document = self.document(e, thing) if with_document else None
+        return execution(self._summary(e), thing, e.status, e.record.status_details or {}, document)
 
     def notifications(self, session: Session, thing: str, now: float) -> list[tuple[str, bytes]]:
         """notify and notify-next for ``thing`` as its executions stand now."""

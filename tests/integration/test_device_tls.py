@@ -70,17 +70,15 @@ def _client(broker: MosquittoBroker, ca: Path, cert: Path, key: Path) -> tuple[m
     return client, state
 
 
-def test_a_device_with_a_certificate_updates_over_tls(
-    tmp_path: Path, tls_broker: Any, redis_url: str, database_url: str
-) -> None:
-    broker, ca = tls_broker
+def _stack_on(broker: MosquittoBroker, tmp_path: Path, redis_url: str, database_url: str) -> StackSettings:
+    """A full stack whose services log in to the TLS broker's service listener (SQLite only)."""
     if not database_url.startswith("sqlite"):
         pytest.skip("runs once, on SQLite")
     client = redis.Redis.from_url(redis_url)
     client.flushall()
     client.close()
     engine_client.use_settings(Settings(redis_url=redis_url, database_url=database_url))
-    settings = StackSettings(
+    return StackSettings(
         data_dir=tmp_path / "stack",
         database_url=database_url,
         redis_url=redis_url,
@@ -91,6 +89,13 @@ def test_a_device_with_a_certificate_updates_over_tls(
             "FLEET_RECONCILE_INTERVAL_S": "1",
         },
     )
+
+
+def test_a_device_with_a_certificate_updates_over_tls(
+    tmp_path: Path, tls_broker: Any, redis_url: str, database_url: str
+) -> None:
+    broker, ca = tls_broker
+    settings = _stack_on(broker, tmp_path, redis_url, database_url)
     with LocalStack(settings) as stack:
         stack.start_all()
         h = Harness(stack, broker.host, broker.service_port)
@@ -167,23 +172,7 @@ def test_the_aws_sdk_script_in_the_docs_updates_a_device_by_its_certificate(
     tmp_path: Path, tls_broker: Any, redis_url: str, database_url: str
 ) -> None:
     broker, ca = tls_broker
-    if not database_url.startswith("sqlite"):
-        pytest.skip("runs once, on SQLite")
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    client.close()
-    engine_client.use_settings(Settings(redis_url=redis_url, database_url=database_url))
-    settings = StackSettings(
-        data_dir=tmp_path / "stack",
-        database_url=database_url,
-        redis_url=redis_url,
-        mqtt_url=broker.service_url,
-        extra_env={
-            "FLEET_MQTT_USERNAME": SERVICE.username,
-            "FLEET_MQTT_PASSWORD": SERVICE.password,
-            "FLEET_RECONCILE_INTERVAL_S": "1",
-        },
-    )
+    settings = _stack_on(broker, tmp_path, redis_url, database_url)
     thing = "tls-00002"
     with LocalStack(settings) as stack:
         stack.start_all()
